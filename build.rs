@@ -1,0 +1,76 @@
+//! Generates the raw librados/librbd bindings from OUR declarations in `vendor-headers/`
+//! (never from the system headers), with an explicit allowlist, and links `-lrados -lrbd`
+//! (Debian ships no pkg-config files for them).
+
+use std::env;
+use std::path::PathBuf;
+
+/// Every C function rbdfence calls. Keep in step with `vendor-headers/README.md`.
+const FUNCTIONS: &[&str] = &[
+    "rados_version",
+    "rados_create",
+    "rados_conf_read_file",
+    "rados_conf_set",
+    "rados_connect",
+    "rados_shutdown",
+    "rados_wait_for_latest_osdmap",
+    "rados_get_instance_id",
+    "rados_getaddrs",
+    "rados_mon_command",
+    "rados_buffer_free",
+    "rados_ioctx_create",
+    "rados_ioctx_destroy",
+    "rbd_version",
+    "rbd_open_read_only",
+    "rbd_close",
+    "rbd_watchers_list",
+    "rbd_watchers_list_cleanup",
+    "rbd_list_lockers",
+];
+
+const TYPES: &[&str] = &[
+    "rados_t",
+    "rados_ioctx_t",
+    "rbd_image_t",
+    "rbd_image_watcher_t",
+];
+
+const VARS: &[&str] = &[
+    "RBDFENCE_LIBRADOS_MAJOR",
+    "RBDFENCE_LIBRADOS_MINOR",
+    "RBDFENCE_LIBRBD_MAJOR",
+    "RBDFENCE_LIBRBD_MINOR",
+];
+
+fn main() {
+    let header = "vendor-headers/rbdfence_ceph.h";
+    println!("cargo:rerun-if-changed={header}");
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-link-lib=dylib=rados");
+    println!("cargo:rustc-link-lib=dylib=rbd");
+
+    let mut builder = bindgen::Builder::default()
+        .header(header)
+        .use_core()
+        .layout_tests(true)
+        .generate_comments(false)
+        .derive_default(false)
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()));
+    for f in FUNCTIONS {
+        builder = builder.allowlist_function(f);
+    }
+    for t in TYPES {
+        builder = builder.allowlist_type(t);
+    }
+    for v in VARS {
+        builder = builder.allowlist_var(v);
+    }
+    let bindings = match builder.generate() {
+        Ok(b) => b,
+        Err(e) => panic!("bindgen over {header} failed: {e} (is libclang-dev installed?)"),
+    };
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap_or_else(|_| panic!("OUT_DIR is not set")));
+    if let Err(e) = bindings.write_to_file(out.join("ffi.rs")) {
+        panic!("cannot write bindings: {e}");
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Checks vendor-headers/rbdfence_ceph.h against the installed Ceph headers: compiles a C file
+# that includes <rados/librados.h>, <rbd/librbd.h> and ours, so any prototype, struct layout or
+# version constant that disagrees is a compile error. Then links it with -lrados -lrbd so every
+# declared symbol must exist in the libraries too.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+cc -std=c11 -Wall -Wextra -Werror -pedantic -I "$root/vendor-headers" \
+  "$root/vendor-headers/abi_check.c" -o "$out/abi_check" -lrados -lrbd
+"$out/abi_check"
+# Every function we declare must be exported by the libraries we link.
+missing=0
+exported=$(nm -D --defined-only "$(ldconfig -p | awk '/librados.so.2 /{print $NF; exit}')" \
+  "$(ldconfig -p | awk '/librbd.so.1 /{print $NF; exit}')" | awk '{print $3}')
+for sym in $(grep -oE '^[a-z_ ]+\**[a-z_]+\(' "$root/vendor-headers/rbdfence_ceph.h" | grep -oE '(rados|rbd)_[a-z_]+'); do
+  if ! grep -qx "$sym" <<<"$exported"; then
+    echo "check-abi: $sym is declared but not exported by librados/librbd" >&2
+    missing=1
+  fi
+done
+[ "$missing" -eq 0 ]
+echo "check-abi: vendor-headers/rbdfence_ceph.h agrees with the system headers and libraries"

@@ -1,0 +1,7 @@
+//! rbdfence: fail-closed fencing of VMs on Ceph RBD for HA managers.
+//!
+//! `rbd` is the native librados/librbd layer (the only module with `unsafe`); `cli` is the
+//! command line.
+
+pub mod cli;
+pub mod rbd;

@@ -1,0 +1,178 @@
+//! [`Ceph`]: the async face of the native layer, shared by the CLI and the service.
+//!
+//! Every call runs on tokio's blocking pool (librados calls block) and is bounded twice:
+//! by Ceph's own timeouts, set before connecting, and by a tokio timeout a little longer,
+//! so a wedged library call can never hang a caller.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::addr::{BlocklistEntry, EntityAddr};
+use super::blocklist::BlocklistItem;
+use super::cluster::{ConnectOptions, Rados};
+use super::error::{CephError, Op};
+use super::image::{Image, ImageSpec, ImageStatus};
+use super::ioctx::IoCtx;
+
+/// Slack on top of Ceph's own timeout before tokio gives up on a call: Ceph's bound should
+/// fire first and give the better error.
+const MARGIN: Duration = Duration::from_secs(2);
+
+/// Told of every Ceph call's result (metrics hook).
+pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
+
+/// A connected cluster, cheap to clone, safe to share between tasks.
+#[derive(Clone)]
+pub struct Ceph {
+    rados: Arc<Rados>,
+    pools: Arc<Mutex<HashMap<String, Arc<IoCtx>>>>,
+    bound: Duration,
+    observer: Option<CallObserver>,
+}
+
+impl Ceph {
+    /// Connects, bounded by the mount timeout plus a margin.
+    pub async fn connect(opts: ConnectOptions) -> Result<Ceph, CephError> {
+        let bound = opts.timeouts.op.max(opts.timeouts.mount) + MARGIN;
+        let mount_bound = opts.timeouts.mount + MARGIN;
+        let target = format!("client.{}", opts.id);
+        let rados = bounded(Op::Connect, target, mount_bound, move || {
+            Rados::connect(&opts)
+        })
+        .await?;
+        Ok(Ceph {
+            rados: Arc::new(rados),
+            pools: Arc::default(),
+            bound,
+            observer: None,
+        })
+    }
+
+    /// Reports every call's result to `observer`.
+    pub fn with_observer(mut self, observer: CallObserver) -> Ceph {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// How long one call may take before it fails with ETIMEDOUT.
+    pub fn call_bound(&self) -> Duration {
+        self.bound
+    }
+
+    async fn call<T, F>(&self, op: Op, target: String, f: F) -> Result<T, CephError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Arc<Rados>) -> Result<T, CephError> + Send + 'static,
+    {
+        let rados = self.rados.clone();
+        let r = bounded(op, target, self.bound, move || f(&rados)).await;
+        if let Some(obs) = &self.observer {
+            obs(op, r.as_ref().map(|_| ()));
+        }
+        r
+    }
+
+    /// Watchers and lock owners of one image, from a read-only open (which adds no watcher).
+    pub async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
+        let pools = self.pools.clone();
+        let spec = spec.clone();
+        self.call(Op::ListWatchers, spec.to_string(), move |rados| {
+            let ioctx = ioctx_for(&pools, rados, &spec.pool)?;
+            let image = Image::open_read_only(ioctx, &spec.image)?;
+            image.status()
+        })
+        .await
+    }
+
+    pub async fn blocklist_add(
+        &self,
+        entry: BlocklistEntry,
+        expire: Option<Duration>,
+    ) -> Result<(), CephError> {
+        self.call(Op::BlocklistAdd, entry.to_string(), move |r| {
+            r.blocklist_add(&entry, expire)
+        })
+        .await
+    }
+
+    pub async fn blocklist_rm(&self, entry: BlocklistEntry) -> Result<(), CephError> {
+        self.call(Op::BlocklistRm, entry.to_string(), move |r| {
+            r.blocklist_rm(&entry)
+        })
+        .await
+    }
+
+    pub async fn blocklist_ls(&self) -> Result<Vec<BlocklistItem>, CephError> {
+        self.call(Op::BlocklistLs, String::new(), |r| r.blocklist_ls())
+            .await
+    }
+
+    pub async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
+        self.call(Op::WaitForLatestOsdmap, String::new(), |r| {
+            r.wait_for_latest_osdmap()
+        })
+        .await
+    }
+
+    pub async fn osdmap_epoch(&self) -> Result<u64, CephError> {
+        self.call(Op::OsdmapEpoch, String::new(), |r| r.osdmap_epoch())
+            .await
+    }
+
+    /// This client's own addresses (never to be fenced by it).
+    pub async fn client_addrs(&self) -> Result<Vec<EntityAddr>, CephError> {
+        self.call(Op::GetAddrs, String::new(), |r| r.addrs()).await
+    }
+
+    /// The blocking handle, for callers already on a blocking thread (benchmarks).
+    pub fn rados(&self) -> &Arc<Rados> {
+        &self.rados
+    }
+
+    /// Opens (or reuses) the pool's IoCtx; for callers on a blocking thread.
+    pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
+        ioctx_for(&self.pools, &self.rados, pool)
+    }
+}
+
+/// One IoCtx per pool for the life of the connection: creating one is a round trip for the
+/// pool id, and a fence looks at several images of the same pool.
+fn ioctx_for(
+    pools: &Mutex<HashMap<String, Arc<IoCtx>>>,
+    rados: &Arc<Rados>,
+    pool: &str,
+) -> Result<Arc<IoCtx>, CephError> {
+    let mut map = pools
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(io) = map.get(pool) {
+        return Ok(io.clone());
+    }
+    let io = Arc::new(IoCtx::new(rados.clone(), pool)?);
+    map.insert(pool.to_string(), io.clone());
+    Ok(io)
+}
+
+/// Runs a blocking Ceph call on the blocking pool, failing with ETIMEDOUT after `bound`.
+async fn bounded<T, F>(op: Op, target: String, bound: Duration, f: F) -> Result<T, CephError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CephError> + Send + 'static,
+{
+    match tokio::time::timeout(bound, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(join)) => Err(CephError::new(
+            op,
+            target,
+            libc::EIO,
+            format!("worker thread failed: {join}"),
+        )),
+        Err(_) => Err(CephError::new(
+            op,
+            target,
+            libc::ETIMEDOUT,
+            format!("no answer from Ceph within {:.1} s", bound.as_secs_f64()),
+        )),
+    }
+}

@@ -1,0 +1,375 @@
+//! RBD images (`rbd_image_t`), opened read-only to observe them: watchers and lockers.
+//!
+//! A read-only open registers no watch, so the observer never shows up among the watchers
+//! it reports. (`rbd_lock_get_owners` needs a read-write open in Pacific, hence
+//! `rbd_list_lockers`, which reads the exclusive lock's holder from the header object.)
+
+use std::ffi::{CStr, CString, c_char, c_int};
+use std::fmt;
+use std::ptr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::addr::EntityAddr;
+use super::error::{CephError, Op};
+use super::ffi;
+use super::ioctx::IoCtx;
+
+/// Retries of a sizing loop before giving up: the list can only grow between two calls if
+/// clients keep arriving, and a bound keeps a pathological image from spinning forever.
+const MAX_SIZING_ATTEMPTS: usize = 16;
+
+/// `POOL/IMAGE`, validated: both parts non-empty, at most 255 bytes, no `/`, `@`, NUL,
+/// whitespace or control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageSpec {
+    pub pool: String,
+    pub image: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid image {input:?}: {why} (expected POOL/IMAGE)")]
+pub struct ImageSpecError {
+    pub input: String,
+    pub why: &'static str,
+}
+
+impl FromStr for ImageSpec {
+    type Err = ImageSpecError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let err = |why| ImageSpecError {
+            input: input.to_string(),
+            why,
+        };
+        let (pool, image) = input.split_once('/').ok_or_else(|| err("missing '/'"))?;
+        for (part, what) in [(pool, "pool"), (image, "image")] {
+            if part.is_empty() {
+                return Err(err(if what == "pool" {
+                    "empty pool name"
+                } else {
+                    "empty image name"
+                }));
+            }
+            if part.len() > 255 {
+                return Err(err("name longer than 255 bytes"));
+            }
+            if part
+                .chars()
+                .any(|c| c == '/' || c == '@' || c.is_whitespace() || c.is_control())
+            {
+                return Err(err(
+                    "names may not contain '/', '@', whitespace or control characters",
+                ));
+            }
+        }
+        Ok(ImageSpec {
+            pool: pool.to_string(),
+            image: image.to_string(),
+        })
+    }
+}
+
+impl TryFrom<String> for ImageSpec {
+    type Error = ImageSpecError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<ImageSpec> for String {
+    fn from(s: ImageSpec) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for ImageSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.pool, self.image)
+    }
+}
+
+/// A client watching the image header: keys as in `rbd status --format json`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Watcher {
+    pub address: String,
+    pub client: i64,
+    pub cookie: u64,
+}
+
+impl Watcher {
+    pub fn addr(&self) -> Result<EntityAddr, super::AddrError> {
+        self.address.parse()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    Exclusive,
+    Shared,
+}
+
+/// A holder of a lock on the image: the exclusive-lock feature's owner (librbd's managed
+/// lock) or an advisory lock. The record outlives the holder's watch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LockOwner {
+    pub mode: LockMode,
+    pub address: String,
+}
+
+impl LockOwner {
+    pub fn addr(&self) -> Result<EntityAddr, super::AddrError> {
+        self.address.parse()
+    }
+}
+
+/// What Ceph says about who uses an image.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ImageStatus {
+    pub watchers: Vec<Watcher>,
+    pub lock_owners: Vec<LockOwner>,
+}
+
+/// An image opened read-only. Closed in `Drop`; keeps its IoCtx (and cluster) alive.
+pub struct Image {
+    ptr: ffi::rbd_image_t,
+    spec: String,
+    _ioctx: Arc<IoCtx>,
+}
+
+// SAFETY: librbd image handles may move between threads (librbd locks internally); `Image`
+// is deliberately not `Sync`, so one thread at a time uses it.
+unsafe impl Send for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: opened by rbd_open_read_only and closed once; the IoCtx is alive (we hold it).
+        let _ = unsafe { ffi::rbd_close(self.ptr) };
+    }
+}
+
+impl Image {
+    /// Opens `image` of the IoCtx's pool read-only (at the head, no snapshot). A missing
+    /// image is `ENOENT`.
+    ///
+    /// Implements: `rbd_open_read_only`.
+    pub fn open_read_only(ioctx: Arc<IoCtx>, image: &str) -> Result<Image, CephError> {
+        let spec = format!("{}/{}", ioctx.pool(), image);
+        let name = CString::new(image).map_err(|_| {
+            CephError::new(
+                Op::OpenImage,
+                &spec,
+                libc::EINVAL,
+                "image name contains a NUL byte",
+            )
+        })?;
+        let mut ptr: ffi::rbd_image_t = ptr::null_mut();
+        // SAFETY: valid ioctx kept alive by the Arc; `name` outlives the call; a null snapshot
+        // name means the head; `ptr` is a valid out-pointer.
+        let r = unsafe {
+            ffi::rbd_open_read_only(ioctx.as_ptr(), name.as_ptr(), &mut ptr, ptr::null())
+        };
+        if r < 0 {
+            let msg = if r == -libc::ENOENT {
+                "no such image"
+            } else {
+                ""
+            };
+            return Err(CephError::from_code(Op::OpenImage, spec, r.into(), msg));
+        }
+        Ok(Image {
+            ptr,
+            spec,
+            _ioctx: ioctx,
+        })
+    }
+
+    /// The clients watching the image header, retrying while librbd says the array is too
+    /// small (ERANGE, with the size it needs).
+    ///
+    /// Implements: `rbd_watchers_list`, `rbd_watchers_list_cleanup`.
+    pub fn watchers(&self) -> Result<Vec<Watcher>, CephError> {
+        let mut cap: usize = 8;
+        for _ in 0..MAX_SIZING_ATTEMPTS {
+            let mut buf: Vec<ffi::rbd_image_watcher_t> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: `buf` has room for `cap` entries and librbd writes at most `n` (= cap);
+            // on success it sets `n` to the number written.
+            let r = unsafe { ffi::rbd_watchers_list(self.ptr, buf.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                cap = n.max(cap * 2);
+                continue;
+            }
+            if r < 0 {
+                return Err(CephError::from_code(
+                    Op::ListWatchers,
+                    &self.spec,
+                    r.into(),
+                    "",
+                ));
+            }
+            let n = n.min(cap);
+            // SAFETY: librbd initialised the first `n` entries.
+            unsafe { buf.set_len(n) };
+            let watchers = buf
+                .iter()
+                .map(|w| Watcher {
+                    address: if w.addr.is_null() {
+                        String::new()
+                    } else {
+                        // SAFETY: librbd fills `addr` with a NUL-terminated string it owns
+                        // until rbd_watchers_list_cleanup.
+                        unsafe { CStr::from_ptr(w.addr) }
+                            .to_string_lossy()
+                            .into_owned()
+                    },
+                    client: w.id,
+                    cookie: w.cookie,
+                })
+                .collect();
+            // SAFETY: frees the strings librbd allocated in these `n` entries, once.
+            unsafe { ffi::rbd_watchers_list_cleanup(buf.as_mut_ptr(), n) };
+            return Ok(watchers);
+        }
+        Err(CephError::new(
+            Op::ListWatchers,
+            &self.spec,
+            libc::ERANGE,
+            "watcher list kept growing",
+        ))
+    }
+
+    /// The lockers of the image header: with the exclusive-lock feature, the current
+    /// owner's address (tag `internal`). Empty when nobody holds a lock.
+    ///
+    /// Implements: `rbd_list_lockers`.
+    pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
+        let (mut tag_cap, mut clients_cap, mut cookies_cap, mut addrs_cap) =
+            (64usize, 256usize, 256usize, 256usize);
+        for _ in 0..MAX_SIZING_ATTEMPTS {
+            let mut tag = vec![0 as c_char; tag_cap];
+            let mut clients = vec![0 as c_char; clients_cap];
+            let mut cookies = vec![0 as c_char; cookies_cap];
+            let mut addrs = vec![0 as c_char; addrs_cap];
+            let (mut tl, mut cl, mut kl, mut al) = (tag_cap, clients_cap, cookies_cap, addrs_cap);
+            let mut exclusive: c_int = 0;
+            // SAFETY: each buffer is as long as the length passed with it; librbd writes within
+            // those lengths, or returns ERANGE with the lengths it needs.
+            let r = unsafe {
+                ffi::rbd_list_lockers(
+                    self.ptr,
+                    &mut exclusive,
+                    tag.as_mut_ptr(),
+                    &mut tl,
+                    clients.as_mut_ptr(),
+                    &mut cl,
+                    cookies.as_mut_ptr(),
+                    &mut kl,
+                    addrs.as_mut_ptr(),
+                    &mut al,
+                )
+            };
+            if r == -(libc::ERANGE as isize) {
+                // librbd reports the lengths it needs; grow every buffer that was short.
+                tag_cap = grow(tag_cap, tl);
+                clients_cap = grow(clients_cap, cl);
+                cookies_cap = grow(cookies_cap, kl);
+                addrs_cap = grow(addrs_cap, al);
+                continue;
+            }
+            if r < 0 {
+                return Err(CephError::from_code(
+                    Op::ListLockers,
+                    &self.spec,
+                    r as i64,
+                    "",
+                ));
+            }
+            let count = r as usize;
+            let mode = if exclusive != 0 {
+                LockMode::Exclusive
+            } else {
+                LockMode::Shared
+            };
+            let addrs = split_nul_list(&addrs[..al.min(addrs_cap)]);
+            return Ok(addrs
+                .into_iter()
+                .take(count)
+                .map(|address| LockOwner { mode, address })
+                .collect());
+        }
+        Err(CephError::new(
+            Op::ListLockers,
+            &self.spec,
+            libc::ERANGE,
+            "locker list kept growing",
+        ))
+    }
+
+    /// Watchers and lock owners in one go.
+    pub fn status(&self) -> Result<ImageStatus, CephError> {
+        Ok(ImageStatus {
+            watchers: self.watchers()?,
+            lock_owners: self.lock_owners()?,
+        })
+    }
+}
+
+/// The next capacity of one of the buffers after ERANGE: what librbd asked for, or unchanged
+/// when this one was long enough (librbd reports every length when any is short).
+fn grow(cap: usize, needed: usize) -> usize {
+    if needed > cap { needed } else { cap }
+}
+
+/// Splits librbd's packed list of NUL-terminated strings.
+fn split_nul_list(buf: &[c_char]) -> Vec<String> {
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    bytes
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_specs_are_validated() {
+        let s: ImageSpec = "rbd/vm-root".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((s.pool.as_str(), s.image.as_str()), ("rbd", "vm-root"));
+        assert_eq!(s.to_string(), "rbd/vm-root");
+        for bad in [
+            "",
+            "rbd",
+            "/img",
+            "rbd/",
+            "rbd/a/b",
+            "rbd/img@snap",
+            "rbd/a b",
+            "rbd/a\nb",
+            "rbd/a;b\0",
+        ] {
+            assert!(
+                bad.parse::<ImageSpec>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+        let long = format!("rbd/{}", "x".repeat(256));
+        assert!(long.parse::<ImageSpec>().is_err());
+    }
+
+    #[test]
+    fn splits_packed_lists() {
+        let raw: Vec<c_char> = b"a:0/1\0b:0/2\0\0\0".iter().map(|&b| b as c_char).collect();
+        assert_eq!(
+            split_nul_list(&raw),
+            vec!["a:0/1".to_string(), "b:0/2".to_string()]
+        );
+    }
+}
