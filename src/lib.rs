@@ -4,4 +4,5 @@
 //! command line.
 
 pub mod cli;
+pub mod fence;
 pub mod rbd;

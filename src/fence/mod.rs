@@ -1,0 +1,4 @@
+//! The fence engine.
+
+pub mod ssh;
+pub mod vm;

@@ -1,0 +1,1 @@
+//! SSH kill step (in progress).
