@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::Config;
+use crate::fence::driver::FenceRequest;
+use crate::fence::vm::VmUuid;
+
 use crate::rbd::{
     BlocklistEntry, Ceph, CephError, ConnectOptions, ImageSpec, ImageStatus, Timeouts,
 };
@@ -59,6 +63,34 @@ pub enum Command {
     /// The OSD blocklist.
     #[command(subcommand)]
     Blocklist(BlocklistCommand),
+    /// Run the fence engine once: may this VM start on the target host? Prints the decision
+    /// (the pre-instantiate reply). Exit 0 on approve, 1 on deny, 2 on bad input.
+    Fence(FenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FenceArgs {
+    /// The service's TOML config (Ceph, SSH, hosts); its [ceph] section replaces -c/--id.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// The VM's uuid (hyphenated, or 32 hex digits).
+    #[arg(long, value_name = "UUID", value_parser = parse_vm)]
+    pub vm: VmUuid,
+    /// The host that failed (inventory uuid).
+    #[arg(long, value_name = "HOST", value_parser = parse_host)]
+    pub failed_host: String,
+    /// The host the HA manager wants to start the VM on.
+    #[arg(long, value_name = "HOST", value_parser = parse_host)]
+    pub target_host: String,
+    /// Every volume of the VM, as POOL/IMAGE (repeat the option).
+    #[arg(long = "volume", value_name = "POOL/IMAGE", value_parser = parse_image, required = true)]
+    pub volumes: Vec<ImageSpec>,
+    /// Gather evidence and say what would be done; change nothing (always a deny).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +121,21 @@ fn parse_image(s: &str) -> Result<ImageSpec, String> {
         .map_err(|e: crate::rbd::ImageSpecError| e.to_string())
 }
 
+fn parse_vm(s: &str) -> Result<VmUuid, String> {
+    s.parse()
+        .map_err(|e: crate::fence::vm::VmUuidError| e.to_string())
+}
+
+fn parse_host(s: &str) -> Result<String, String> {
+    if crate::config::valid_host_uuid(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid host {s:?}: 1-64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
 fn parse_entry(s: &str) -> Result<BlocklistEntry, String> {
     s.parse().map_err(|e: crate::rbd::AddrError| e.to_string())
 }
@@ -107,12 +154,59 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if let Command::Fence(args) = cli.command {
+        return runtime.block_on(fence(args));
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rbdfence: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+async fn fence(args: FenceArgs) -> ExitCode {
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rbdfence: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let engine = match crate::app::engine(&cfg).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("rbdfence: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let req = FenceRequest {
+        request_id: None,
+        vm: args.vm,
+        failed_host: args.failed_host,
+        target_host: args.target_host,
+        volumes: args.volumes,
+        dry_run: args.dry_run,
+    };
+    let record = engine.fence(&req).await;
+    let reply = &record.reply;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(reply).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{} ({}, reason {}): {}",
+            reply.decision, reply.outcome, reply.reason, reply.message
+        );
+        println!("fence {} in {} ms", reply.fence_id, reply.duration_ms);
+    }
+    if reply.approved() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 
@@ -176,6 +270,7 @@ async fn run(cli: Cli) -> Result<(), CephError> {
             ceph.blocklist_rm(entry).await?;
             println!("un-blocklisted {entry}");
         }
+        Command::Fence(_) => unreachable!("handled before connecting"),
     }
     Ok(())
 }

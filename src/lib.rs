@@ -3,6 +3,8 @@
 //! `rbd` is the native librados/librbd layer (the only module with `unsafe`); `cli` is the
 //! command line.
 
+pub mod app;
 pub mod cli;
+pub mod config;
 pub mod fence;
 pub mod rbd;

@@ -1,1 +1,1523 @@
-//! SSH kill step (in progress).
+//! The kill step of a fence: SIGKILL a VM's qemu on a host over SSH, and re-check that it is gone.
+//!
+//! # Expected flow
+//! 1. Load the client identity (an unencrypted OpenSSH private key, normally ed25519) and the
+//!    `known_hosts` file (on a blocking thread).
+//! 2. Connect: [`Route::Direct`] opens TCP to the target's sshd; [`Route::Via`] first logs in to
+//!    the jump host, opens a `direct-tcpip` channel from it to the target's ssh address, and runs
+//!    a second, independent SSH session over that channel. Each hop verifies the server's host key
+//!    against `known_hosts` (looked up by that hop's own address, `[ip]:port` when the port is not
+//!    22) and authenticates with the identity (publickey only).
+//! 3. Run one command on the target (see [`kill_command`]): it scans `/proc` for qemu processes
+//!    whose argv carries `-uuid <vm uuid>`, SIGKILLs them, polls (every 50 ms, for up to 2 s)
+//!    until every thread of each is gone or a zombie, and prints one report line, which is
+//!    parsed strictly into a [`KillReport`].
+//!
+//! # Guarantees
+//! - A host key that is not in `known_hosts` ([`SshError::HostKeyUnknown`]), differs from the
+//!   recorded one ([`SshError::HostKeyChanged`]) or is marked `@revoked`
+//!   ([`SshError::HostKeyRevoked`]) aborts the hop before authentication; nothing is ever written
+//!   to `known_hosts`. The key-exchange signature itself is checked by russh before we are asked.
+//! - Only public-key authentication is attempted, never passwords or keyboard-interactive.
+//! - Every step is bounded: TCP connect, SSH handshake and authentication share one
+//!   `connect_timeout` per hop (for `Via`, the target's budget also covers opening the tunnel);
+//!   opening the session channel, the command and reading its output share `command_timeout`.
+//!   A peer that accepts TCP but never speaks ends in [`SshError::Timeout`], never a hang.
+//! - The only caller-supplied text in the remote command is a [`VmUuid`], which admits only hex
+//!   digits and hyphens.
+//! - `gone == true` in a [`KillReport`] means the remote side positively observed that no thread
+//!   of any matching process is alive (absent, or state `Z`/`X` — a zombie cannot issue I/O), and
+//!   that it could read the command line of every process it scanned. Anything short of that is
+//!   `gone == false` or an error; callers must not treat an error as "gone".
+//!
+//! # Assumptions
+//! - The remote sshd runs in the host's PID namespace with `/proc` mounted and the login user can
+//!   read every `/proc/PID/cmdline` and signal qemu (root). The script checks that `/proc/1` is
+//!   visible and that the scan finds its own shell, so a missing or hidden `/proc` is an error, but
+//!   it cannot detect a sshd running inside a container that sees only its own processes.
+//! - The VM's qemu carries its uuid as `-uuid <uuid>` (libvirt does; the match ignores the case
+//!   of hex digits), its argv\[0\] basename starts with `qemu-system-` or is `qemu-kvm`, and
+//!   argv\[0\] holds no newline (the scan's pre-filter reads the first line only).
+//! - The login shell is POSIX-compatible enough to run `exec /bin/sh -c '…'`, and prints nothing
+//!   on its own (a chatty `.bashrc` makes the output unparseable: [`SshError::BadOutput`]). The
+//!   script uses only `sh` builtins, `tr`, `sleep` and `printf`.
+//! - Jump hosts allow TCP forwarding (`AllowTcpForwarding yes`, OpenSSH's default).
+//! - PIDs are not recycled between the scan and the `kill` a few milliseconds later.
+//!
+//! # Failure modes
+//! Each [`SshError`] names the host (uuid and address) and, where it applies, the [`Stage`].
+//! [`SshError::label`] gives a bounded value for metrics. A timeout drops the connection; any
+//! russh task left reading from a peer that stopped answering is reaped by the session's
+//! inactivity timeout.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use russh::ChannelMsg;
+use russh::client::{self, AuthResult, Handle};
+use russh::keys::PublicKeyOrCertificate;
+use russh::keys::ssh_key::known_hosts::{Entry, HostPatterns, Marker};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use tokio::net::TcpStream;
+use tokio::time::timeout_at;
+
+use super::vm::VmUuid;
+
+/// First word of every line the remote script prints.
+const REPORT_TAG: &str = "rbdfence-kill";
+/// Upper bound on the stdout we accept; a real report is well under 1 KiB.
+const MAX_STDOUT: usize = 16 * 1024;
+/// How much of stderr or bad output an error keeps.
+const MAX_ECHO: usize = 512;
+/// How long a polite disconnect may take before the connection is simply dropped.
+const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
+/// Placeholder in [`KILL_SCRIPT`] for the (validated) uuid.
+const UUID_SLOT: &str = "@VM_UUID@";
+
+/// The remote kill script. POSIX sh; must contain no single quote (it is sent inside one).
+///
+/// Scan: for every `/proc/PID`, a fork-free pre-filter first reads the command line with the
+/// `read` builtin (shells drop the NULs and stop at the first newline, so the text always begins
+/// with argv\[0\]) and skips processes whose text has no `qemu-` in any case. The rest go through
+/// `tr`, which turns the NUL-separated `/proc/PID/cmdline` into `\001`-separated fields (newlines
+/// inside arguments become `\002`, so they cannot forge a field) and lowercases the hex letters
+/// A–F, so the uuid comparison ignores case; then argv\[0\]'s basename and `-uuid <uuid>` are
+/// checked exactly.
+///
+/// Self-check: the script runs as `/bin/sh -c <script>`, so its own command line starts with
+/// `/bin/sh` (the `read` path works) and contains the uuid (the `tr` path works); it refuses to
+/// report when either is not seen, so a missing `/proc` or a broken tool cannot read as "no qemu".
+/// A process whose command line cannot be opened while it still exists is reported as `unknown`
+/// and kept in the liveness check.
+///
+/// Liveness looks at every thread in `/proc/PID/task`: a killed thread group can have a zombie
+/// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s.
+const KILL_SCRIPT: &str = r#"u=@VM_UUID@
+s=$(printf "\001")
+f= r= me=
+[ -r /proc/1/stat ] || { echo "rbdfence-kill error=no-proc"; exit 3; }
+x=
+read -r x 2>/dev/null <"/proc/$$/cmdline"
+case $x in /bin/sh*) ;; *) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
+for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  if [ "$p" != "$$" ]; then
+    if ! true 2>/dev/null <"$d/cmdline"; then
+      [ -d "$d" ] && r="$r $p"
+      continue
+    fi
+    x=
+    read -r x 2>/dev/null <"$d/cmdline"
+    case $x in *[Qq][Ee][Mm][Uu]-*) ;; *) continue ;; esac
+  fi
+  if ! c=$(tr "\000\nABCDEF" "\001\002abcdef" 2>/dev/null <"$d/cmdline"); then
+    [ -d "$d" ] && r="$r $p"
+    continue
+  fi
+  if [ "$p" = "$$" ]; then
+    case $c in *"$u"*) me=1 ;; esac
+    continue
+  fi
+  [ -n "$c" ] || continue
+  ifs=$IFS; IFS=$s; set -f; set -- $c; set +f; IFS=$ifs
+  case ${1##*/} in qemu-system-*|qemu-kvm) ;; *) continue ;; esac
+  m=
+  while [ $# -gt 1 ]; do
+    case $1 in -uuid|--uuid) [ "$2" = "$u" ] && m=1 ;; esac
+    shift
+  done
+  [ -n "$m" ] && f="$f $p"
+done
+[ -n "$me" ] || { echo "rbdfence-kill error=self-check"; exit 3; }
+k=
+for p in $f; do kill -s KILL "$p" 2>/dev/null && k="$k $p"; done
+live() {
+  a=
+  for p in $f $r; do
+    [ -d "/proc/$p" ] || continue
+    z=1 n=0
+    for t in /proc/$p/task/*; do
+      if read -r l 2>/dev/null <"$t/stat"; then
+        n=$((n+1)); l=${l##*") "}
+        case ${l%% *} in Z|X) ;; *) z=0 ;; esac
+      elif [ -e "$t" ]; then
+        z=0
+      fi
+    done
+    [ "$n" -gt 0 ] || { [ -d "/proc/$p" ] && z=0; }
+    [ "$z" = 1 ] || a="$a $p"
+  done
+}
+live
+i=0
+while [ -n "$a" ] && [ "$i" -lt 40 ]; do
+  sleep 0.05 2>/dev/null || { sleep 1; i=$((i+19)); }
+  i=$((i+1))
+  live
+done
+csv() { o=; for x in $1; do o=${o:+$o,}$x; done; }
+g=0; [ -n "$a" ] || g=1
+csv "$f"; F=$o; csv "$k"; K=$o; csv "$a"; A=$o; csv "$r"; R=$o
+printf "rbdfence-kill found=%s killed=%s alive=%s unknown=%s gone=%s\n" "$F" "$K" "$A" "$R" "$g"
+exit 0
+"#;
+
+/// How to log in to hosts. Shared by every hop of a route.
+#[derive(Clone, Debug)]
+pub struct SshSettings {
+    /// Remote login user (normally `root`: the command reads every `/proc/PID/cmdline` and
+    /// SIGKILLs qemu).
+    pub user: String,
+    /// Private key file, OpenSSH format, unencrypted (ed25519 recommended).
+    pub identity: PathBuf,
+    /// OpenSSH `known_hosts` file; hosts on a port other than 22 are written `[ip]:port`.
+    /// Plain, wildcard (`*`, `?`), negated and hashed (`|1|…`) host patterns and the `@revoked`
+    /// marker are understood; `@cert-authority` lines are ignored.
+    pub known_hosts: PathBuf,
+    /// Per hop: TCP connect + handshake + authentication (+ opening the tunnel, for the target
+    /// of a [`Route::Via`]).
+    pub connect_timeout: Duration,
+    /// Opening the session channel, running the command and reading its output.
+    pub command_timeout: Duration,
+}
+
+/// A host as reached over SSH.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The inventory uuid of the host (for errors and logs).
+    pub host_uuid: String,
+    /// The host's sshd address.
+    pub addr: SocketAddr,
+}
+
+/// How to reach the host that runs the command.
+#[derive(Clone, Copy, Debug)]
+pub enum Route<'a> {
+    /// Straight to the target.
+    Direct(&'a SshTarget),
+    /// Log in to `jump`, and from there tunnel (`direct-tcpip`) to `target`'s ssh address. Both
+    /// hosts' keys are verified; the target's by its own address.
+    Via {
+        /// The host that relays the connection.
+        jump: &'a SshTarget,
+        /// The host that runs the command.
+        target: &'a SshTarget,
+    },
+}
+
+impl Route<'_> {
+    /// The host that runs the command.
+    pub fn target(&self) -> &SshTarget {
+        match self {
+            Route::Direct(target) | Route::Via { target, .. } => target,
+        }
+    }
+}
+
+/// What the remote side observed and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KillReport {
+    /// At least one matching qemu process was running when the host was scanned.
+    pub qemu_found: bool,
+    /// PIDs of the matching qemu processes.
+    pub pids: Vec<u32>,
+    /// SIGKILL was delivered to at least one of them.
+    pub killed: bool,
+    /// Re-checked: no matching process has a live (non-zombie) thread, and no process with an
+    /// unreadable command line is still alive. This is the only field that proves anything.
+    pub gone: bool,
+    /// PIDs still alive after the re-check window (empty when `gone`).
+    pub alive: Vec<u32>,
+    /// PIDs whose command line could not be read although they existed (normally empty).
+    pub unknown: Vec<u32>,
+}
+
+/// A host in an error: inventory uuid and ssh address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The inventory uuid of the host.
+    pub host_uuid: String,
+    /// The sshd address used.
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.host_uuid, self.addr)
+    }
+}
+
+impl From<&SshTarget> for Peer {
+    fn from(t: &SshTarget) -> Self {
+        Peer {
+            host_uuid: t.host_uuid.clone(),
+            addr: t.addr,
+        }
+    }
+}
+
+/// The step that failed or timed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Opening the TCP connection.
+    Tcp,
+    /// Opening the `direct-tcpip` channel through the jump host.
+    Tunnel,
+    /// SSH version exchange, key exchange and host-key verification.
+    Handshake,
+    /// Public-key authentication.
+    Auth,
+    /// Opening the session channel and starting the command.
+    Session,
+    /// Running the command and reading its output.
+    Command,
+}
+
+impl Stage {
+    /// A fixed string for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Tcp => "tcp",
+            Stage::Tunnel => "tunnel",
+            Stage::Handshake => "handshake",
+            Stage::Auth => "auth",
+            Stage::Session => "session",
+            Stage::Command => "command",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why the kill step failed. None of these proves anything about the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// The identity or `known_hosts` file could not be read or parsed.
+    #[error("ssh: cannot use {what} {path}: {message}")]
+    LocalFile {
+        /// `"identity"` or `"known_hosts"`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The TCP connection failed (refused, unreachable, …).
+    #[error("ssh {peer}: tcp connect failed: {source}")]
+    Connect {
+        /// The host.
+        peer: Peer,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// The SSH handshake failed for a reason other than the host key.
+    #[error("ssh {peer}: handshake failed: {message}")]
+    Handshake {
+        /// The host.
+        peer: Peer,
+        /// russh's description.
+        message: String,
+    },
+    /// The server's host key is not in `known_hosts`.
+    #[error(
+        "ssh {peer}: host key {fingerprint} is not in {known_hosts} (looked up as {:?}); \
+         refusing to connect",
+        known_hosts_name(.peer.addr)
+    )]
+    HostKeyUnknown {
+        /// The host.
+        peer: Peer,
+        /// The key the server offered (`SHA256:…`).
+        fingerprint: String,
+        /// The file consulted.
+        known_hosts: PathBuf,
+    },
+    /// `known_hosts` records a different key for this host.
+    #[error(
+        "ssh {peer}: host key {fingerprint} does not match {known_hosts} line {line} \
+         (looked up as {:?}); refusing to connect",
+        known_hosts_name(.peer.addr)
+    )]
+    HostKeyChanged {
+        /// The host.
+        peer: Peer,
+        /// The key the server offered (`SHA256:…`).
+        fingerprint: String,
+        /// A line recording a key for this host.
+        line: usize,
+        /// The file consulted.
+        known_hosts: PathBuf,
+    },
+    /// The server's host key is marked `@revoked` in `known_hosts`.
+    #[error("ssh {peer}: host key {fingerprint} is revoked in {known_hosts} line {line}")]
+    HostKeyRevoked {
+        /// The host.
+        peer: Peer,
+        /// The key the server offered (`SHA256:…`).
+        fingerprint: String,
+        /// The `@revoked` line.
+        line: usize,
+        /// The file consulted.
+        known_hosts: PathBuf,
+    },
+    /// The server did not accept the identity.
+    #[error("ssh {peer}: public key authentication as {user:?} was refused")]
+    Auth {
+        /// The host.
+        peer: Peer,
+        /// The login user.
+        user: String,
+    },
+    /// A channel could not be opened or the command could not be started.
+    #[error("ssh {peer}: {stage} failed: {message}")]
+    Channel {
+        /// The host (for [`Stage::Tunnel`], the target the jump host failed to reach).
+        peer: Peer,
+        /// [`Stage::Tunnel`], [`Stage::Session`] or [`Stage::Command`].
+        stage: Stage,
+        /// What happened.
+        message: String,
+    },
+    /// A step did not finish in time.
+    #[error("ssh {peer}: {stage} timed out after {after:?}")]
+    Timeout {
+        /// The host.
+        peer: Peer,
+        /// The step that was running.
+        stage: Stage,
+        /// The budget that ran out (`connect_timeout` or `command_timeout`).
+        after: Duration,
+    },
+    /// The command ran but failed (non-zero exit, killed by a signal, or a precondition it
+    /// checks).
+    #[error("ssh {peer}: kill command failed: {reason}; stderr: {stderr:?}")]
+    Remote {
+        /// The host.
+        peer: Peer,
+        /// Exit status, signal, or the script's error code (`no-proc`, `self-check`).
+        reason: String,
+        /// The command's stderr, truncated.
+        stderr: String,
+    },
+    /// The command exited 0 but its output is not a well-formed report.
+    #[error("ssh {peer}: unexpected kill command output ({detail}): {output:?}")]
+    BadOutput {
+        /// The host.
+        peer: Peer,
+        /// What is wrong with it.
+        detail: &'static str,
+        /// The output, truncated.
+        output: String,
+    },
+}
+
+impl SshError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SshError::LocalFile { .. } => "config",
+            SshError::Connect { .. } => "connect",
+            SshError::Handshake { .. } => "handshake",
+            SshError::HostKeyUnknown { .. }
+            | SshError::HostKeyChanged { .. }
+            | SshError::HostKeyRevoked { .. } => "host_key",
+            SshError::Auth { .. } => "auth",
+            SshError::Channel { .. } => "channel",
+            SshError::Timeout { .. } => "timeout",
+            SshError::Remote { .. } => "remote",
+            SshError::BadOutput { .. } => "bad_output",
+        }
+    }
+
+    /// The host the error concerns, when there is one.
+    pub fn peer(&self) -> Option<&Peer> {
+        match self {
+            SshError::LocalFile { .. } => None,
+            SshError::Connect { peer, .. }
+            | SshError::Handshake { peer, .. }
+            | SshError::HostKeyUnknown { peer, .. }
+            | SshError::HostKeyChanged { peer, .. }
+            | SshError::HostKeyRevoked { peer, .. }
+            | SshError::Auth { peer, .. }
+            | SshError::Channel { peer, .. }
+            | SshError::Timeout { peer, .. }
+            | SshError::Remote { peer, .. }
+            | SshError::BadOutput { peer, .. } => Some(peer),
+        }
+    }
+
+    /// The step that failed, when known.
+    pub fn stage(&self) -> Option<Stage> {
+        match self {
+            SshError::LocalFile { .. } => None,
+            SshError::Connect { .. } => Some(Stage::Tcp),
+            SshError::Handshake { .. }
+            | SshError::HostKeyUnknown { .. }
+            | SshError::HostKeyChanged { .. }
+            | SshError::HostKeyRevoked { .. } => Some(Stage::Handshake),
+            SshError::Auth { .. } => Some(Stage::Auth),
+            SshError::Channel { stage, .. } | SshError::Timeout { stage, .. } => Some(*stage),
+            SshError::Remote { .. } | SshError::BadOutput { .. } => Some(Stage::Command),
+        }
+    }
+}
+
+/// The exact command sent to the target for `vm`: `exec /bin/sh -c '<script>'`.
+///
+/// The script is a constant; the uuid, which can only hold hex digits and hyphens, is its only
+/// variable part.
+pub fn kill_command(vm: &VmUuid) -> String {
+    format!(
+        "exec /bin/sh -c '{}'",
+        KILL_SCRIPT.replace(UUID_SLOT, vm.as_str())
+    )
+}
+
+/// Kill `vm`'s qemu on `route`'s target, and report what was seen.
+///
+/// `Ok` means the command ran and reported; look at [`KillReport::gone`]. Every error means
+/// nothing is known about the VM.
+pub async fn kill_qemu(
+    settings: &SshSettings,
+    route: Route<'_>,
+    vm: &VmUuid,
+) -> Result<KillReport, SshError> {
+    let started = Instant::now();
+    let target = route.target();
+    let result = kill_over_route(settings, route, vm).await;
+    match &result {
+        Ok(report) => tracing::info!(
+            host = %target.host_uuid, addr = %target.addr, vm = %vm,
+            qemu_found = report.qemu_found, killed = report.killed, gone = report.gone,
+            pids = ?report.pids, elapsed_ms = started.elapsed().as_millis() as u64,
+            "ssh kill step finished"
+        ),
+        Err(e) => tracing::warn!(
+            host = %target.host_uuid, addr = %target.addr, vm = %vm, error = %e,
+            label = e.label(), elapsed_ms = started.elapsed().as_millis() as u64,
+            "ssh kill step failed"
+        ),
+    }
+    result
+}
+
+async fn kill_over_route(
+    settings: &SshSettings,
+    route: Route<'_>,
+    vm: &VmUuid,
+) -> Result<KillReport, SshError> {
+    let creds = Arc::new(load_credentials(settings).await?);
+    match route {
+        Route::Direct(target) => {
+            let session = open_direct(settings, &creds, target).await?;
+            let result = run_kill(settings, &session, target, vm).await;
+            close(session).await;
+            result
+        }
+        Route::Via { jump, target } => {
+            let jump_session = open_direct(settings, &creds, jump).await?;
+            let tunnelled = open_tunnelled(settings, &creds, &jump_session, jump, target).await;
+            let result = match tunnelled {
+                Ok(session) => {
+                    let result = run_kill(settings, &session, target, vm).await;
+                    close(session).await;
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            close(jump_session).await;
+            result
+        }
+    }
+}
+
+/// The identity and the parsed `known_hosts`, loaded once per call.
+struct Credentials {
+    identity: Arc<PrivateKey>,
+    known_hosts: KnownHosts,
+}
+
+async fn load_credentials(settings: &SshSettings) -> Result<Credentials, SshError> {
+    let identity_path = settings.identity.clone();
+    let known_hosts_path = settings.known_hosts.clone();
+    tokio::task::spawn_blocking(move || {
+        let identity = russh::keys::load_secret_key(&identity_path, None).map_err(|e| {
+            SshError::LocalFile {
+                what: "identity",
+                path: identity_path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let known_hosts = KnownHosts::load(&known_hosts_path)?;
+        Ok(Credentials {
+            identity: Arc::new(identity),
+            known_hosts,
+        })
+    })
+    .await
+    .map_err(|e| SshError::LocalFile {
+        what: "identity",
+        path: settings.identity.clone(),
+        message: format!("loader task failed: {e}"),
+    })?
+}
+
+/// The client side of one SSH connection.
+type Session = Handle<Verifier>;
+
+fn timeout(peer: &Peer, stage: Stage, after: Duration) -> SshError {
+    SshError::Timeout {
+        peer: peer.clone(),
+        stage,
+        after,
+    }
+}
+
+/// Connect to `target` over TCP, verify it and log in.
+async fn open_direct(
+    settings: &SshSettings,
+    creds: &Arc<Credentials>,
+    target: &SshTarget,
+) -> Result<Session, SshError> {
+    let peer = Peer::from(target);
+    let budget = settings.connect_timeout;
+    let deadline = tokio::time::Instant::now() + budget;
+    let stream = timeout_at(deadline, TcpStream::connect(target.addr))
+        .await
+        .map_err(|_| timeout(&peer, Stage::Tcp, budget))?
+        .map_err(|source| SshError::Connect {
+            peer: peer.clone(),
+            source,
+        })?;
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(addr = %target.addr, error = %e, "set_nodelay failed");
+    }
+    handshake_and_auth(settings, creds, peer, stream, deadline).await
+}
+
+/// Open a `direct-tcpip` channel from `jump_session` to `target`, and log in to `target` over it.
+async fn open_tunnelled(
+    settings: &SshSettings,
+    creds: &Arc<Credentials>,
+    jump_session: &Session,
+    jump: &SshTarget,
+    target: &SshTarget,
+) -> Result<Session, SshError> {
+    let peer = Peer::from(target);
+    let budget = settings.connect_timeout;
+    let deadline = tokio::time::Instant::now() + budget;
+    let channel = timeout_at(
+        deadline,
+        jump_session.channel_open_direct_tcpip(
+            target.addr.ip().to_string(),
+            u32::from(target.addr.port()),
+            "127.0.0.1",
+            0,
+        ),
+    )
+    .await
+    .map_err(|_| timeout(&peer, Stage::Tunnel, budget))?
+    .map_err(|e| SshError::Channel {
+        peer: peer.clone(),
+        stage: Stage::Tunnel,
+        message: format!("jump host {} could not open it: {e}", Peer::from(jump)),
+    })?;
+    handshake_and_auth(settings, creds, peer, channel.into_stream(), deadline).await
+}
+
+async fn handshake_and_auth<S>(
+    settings: &SshSettings,
+    creds: &Arc<Credentials>,
+    peer: Peer,
+    stream: S,
+    deadline: tokio::time::Instant,
+) -> Result<Session, SshError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let budget = settings.connect_timeout;
+    let lookup = known_hosts_name(peer.addr);
+    let config = client_config(settings, creds.known_hosts.algorithms_for(&lookup));
+    let verifier = Verifier {
+        peer: peer.clone(),
+        lookup,
+        creds: Arc::clone(creds),
+    };
+    let mut session = timeout_at(deadline, client::connect_stream(config, stream, verifier))
+        .await
+        .map_err(|_| timeout(&peer, Stage::Handshake, budget))?
+        .map_err(|e| match e {
+            HopError::HostKey(e) => *e,
+            HopError::Ssh(e) => SshError::Handshake {
+                peer: peer.clone(),
+                message: e.to_string(),
+            },
+        })?;
+
+    let identity = Arc::clone(&creds.identity);
+    let auth = async {
+        let hash = if identity.algorithm().is_rsa() {
+            session.best_supported_rsa_hash().await?.flatten()
+        } else {
+            None
+        };
+        session
+            .authenticate_publickey(
+                settings.user.clone(),
+                PrivateKeyWithHashAlg::new(identity, hash),
+            )
+            .await
+    };
+    let result = timeout_at(deadline, auth)
+        .await
+        .map_err(|_| timeout(&peer, Stage::Auth, budget))?;
+    match result {
+        Ok(AuthResult::Success) => Ok(session),
+        Ok(AuthResult::Failure { .. }) => Err(SshError::Auth {
+            peer,
+            user: settings.user.clone(),
+        }),
+        Err(e) => Err(SshError::Handshake {
+            peer,
+            message: format!("during authentication: {e}"),
+        }),
+    }
+}
+
+fn client_config(
+    settings: &SshSettings,
+    host_key_algorithms: Vec<Algorithm>,
+) -> Arc<client::Config> {
+    let mut preferred = russh::Preferred::default();
+    if !host_key_algorithms.is_empty() {
+        // Like OpenSSH: ask for the key types known_hosts records for this host, so a host that
+        // also has other key types is not mistaken for a changed one.
+        preferred.key = Cow::Owned(host_key_algorithms);
+    }
+    Arc::new(client::Config {
+        // Backstop only: ends a session task left behind by a timeout, if its peer went silent.
+        inactivity_timeout: Some(
+            settings.connect_timeout + settings.command_timeout + Duration::from_secs(5),
+        ),
+        nodelay: true,
+        preferred,
+        ..Default::default()
+    })
+}
+
+async fn close(session: Session) {
+    let _ = tokio::time::timeout(
+        DISCONNECT_GRACE,
+        session.disconnect(russh::Disconnect::ByApplication, "", "en"),
+    )
+    .await;
+}
+
+/// What the command returned.
+struct Output {
+    stdout: Vec<u8>,
+    stdout_overflow: bool,
+    stderr: Vec<u8>,
+    exit_status: Option<u32>,
+    exit_signal: Option<String>,
+}
+
+async fn run_kill(
+    settings: &SshSettings,
+    session: &Session,
+    target: &SshTarget,
+    vm: &VmUuid,
+) -> Result<KillReport, SshError> {
+    let peer = Peer::from(target);
+    let budget = settings.command_timeout;
+    let deadline = tokio::time::Instant::now() + budget;
+    let output = timeout_at(deadline, exec(session, &peer, kill_command(vm)))
+        .await
+        .map_err(|_| timeout(&peer, Stage::Command, budget))??;
+    interpret(&peer, output)
+}
+
+async fn exec(session: &Session, peer: &Peer, command: String) -> Result<Output, SshError> {
+    let channel_error = |stage, message: String| SshError::Channel {
+        peer: peer.clone(),
+        stage,
+        message,
+    };
+    let mut channel = session
+        .channel_open_session()
+        .await
+        .map_err(|e| channel_error(Stage::Session, format!("open session channel: {e}")))?;
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|e| channel_error(Stage::Session, format!("exec request: {e}")))?;
+    let mut out = Output {
+        stdout: Vec::new(),
+        stdout_overflow: false,
+        stderr: Vec::new(),
+        exit_status: None,
+        exit_signal: None,
+    };
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                if out.stdout.len() + data.len() > MAX_STDOUT {
+                    out.stdout_overflow = true;
+                } else {
+                    out.stdout.extend_from_slice(&data);
+                }
+            }
+            ChannelMsg::ExtendedData { data, .. } => {
+                let room = MAX_ECHO.saturating_sub(out.stderr.len());
+                out.stderr.extend_from_slice(&data[..data.len().min(room)]);
+            }
+            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+            ChannelMsg::ExitSignal { signal_name, .. } => {
+                out.exit_signal = Some(format!("{signal_name:?}"));
+            }
+            ChannelMsg::Failure => {
+                return Err(channel_error(
+                    Stage::Session,
+                    "the server refused to run the command".to_owned(),
+                ));
+            }
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn truncated(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    match text.char_indices().nth(MAX_ECHO) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.into_owned(),
+    }
+}
+
+fn interpret(peer: &Peer, out: Output) -> Result<KillReport, SshError> {
+    let stderr = truncated(&out.stderr);
+    let bad = |detail| SshError::BadOutput {
+        peer: peer.clone(),
+        detail,
+        output: truncated(&out.stdout),
+    };
+    let remote = |reason: String| SshError::Remote {
+        peer: peer.clone(),
+        reason,
+        stderr: stderr.clone(),
+    };
+    if let Some(signal) = &out.exit_signal {
+        return Err(remote(format!("killed by signal {signal}")));
+    }
+    if out.stdout_overflow {
+        return Err(bad("more than 16 KiB of output"));
+    }
+    let stdout = std::str::from_utf8(&out.stdout).map_err(|_| bad("not UTF-8"))?;
+    match out.exit_status {
+        Some(0) => parse_report(stdout).map_err(bad),
+        Some(status) => match parse_error_line(stdout) {
+            Some(code) => Err(remote(format!("{code} (exit status {status})"))),
+            None => Err(remote(format!("exit status {status}"))),
+        },
+        None => Err(remote("no exit status reported".to_owned())),
+    }
+}
+
+/// The script's own failure line: `rbdfence-kill error=CODE`.
+fn parse_error_line(stdout: &str) -> Option<&'static str> {
+    match stdout {
+        "rbdfence-kill error=no-proc\n" => Some("no-proc: /proc is missing or hides processes"),
+        "rbdfence-kill error=self-check\n" => {
+            Some("self-check: the /proc scan did not find its own shell")
+        }
+        _ => None,
+    }
+}
+
+/// Parse exactly one line
+/// `rbdfence-kill found=P,P killed=P alive= unknown= gone=1\n`, and check it is consistent.
+fn parse_report(stdout: &str) -> Result<KillReport, &'static str> {
+    let line = stdout
+        .strip_suffix('\n')
+        .ok_or("not a single newline-terminated line")?;
+    if line.contains('\n') {
+        return Err("more than one line");
+    }
+    let mut words = line.split(' ');
+    if words.next() != Some(REPORT_TAG) {
+        return Err("missing the rbdfence-kill tag");
+    }
+    let mut field = |key: &str| -> Result<&str, &'static str> {
+        let word = words.next().ok_or("missing field")?;
+        let (k, v) = word.split_once('=').ok_or("field without '='")?;
+        if k == key {
+            Ok(v)
+        } else {
+            Err("fields out of order or unknown")
+        }
+    };
+    let found = parse_pids(field("found")?)?;
+    let killed = parse_pids(field("killed")?)?;
+    let alive = parse_pids(field("alive")?)?;
+    let unknown = parse_pids(field("unknown")?)?;
+    let gone = match field("gone")? {
+        "1" => true,
+        "0" => false,
+        _ => return Err("gone is neither 0 nor 1"),
+    };
+    if words.next().is_some() {
+        return Err("trailing fields");
+    }
+    if !killed.iter().all(|p| found.contains(p)) {
+        return Err("killed a pid that was not found");
+    }
+    if found.iter().any(|p| unknown.contains(p)) {
+        return Err("a pid both found and unknown");
+    }
+    if !alive
+        .iter()
+        .all(|p| found.contains(p) || unknown.contains(p))
+    {
+        return Err("alive pid neither found nor unknown");
+    }
+    if gone != alive.is_empty() {
+        return Err("gone disagrees with the alive list");
+    }
+    Ok(KillReport {
+        qemu_found: !found.is_empty(),
+        killed: !killed.is_empty(),
+        pids: found,
+        gone,
+        alive,
+        unknown,
+    })
+}
+
+fn parse_pids(list: &str) -> Result<Vec<u32>, &'static str> {
+    if list.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pids = Vec::new();
+    for item in list.split(',') {
+        if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("a pid is not a decimal number");
+        }
+        let pid: u32 = item.parse().map_err(|_| "a pid is out of range")?;
+        if pid == 0 || pids.contains(&pid) {
+            return Err("a pid is zero or repeated");
+        }
+        pids.push(pid);
+    }
+    Ok(pids)
+}
+
+/// The russh handler: verifies the server's host key against `known_hosts`.
+struct Verifier {
+    peer: Peer,
+    lookup: String,
+    creds: Arc<Credentials>,
+}
+
+/// Error type of [`Verifier`]: russh's own, or our host-key verdict.
+#[derive(Debug)]
+enum HopError {
+    Ssh(russh::Error),
+    HostKey(Box<SshError>),
+}
+
+impl From<russh::Error> for HopError {
+    fn from(e: russh::Error) -> Self {
+        HopError::Ssh(e)
+    }
+}
+
+impl client::Handler for Verifier {
+    type Error = HopError;
+
+    async fn check_server_key(
+        &mut self,
+        server_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let known = &self.creds.known_hosts;
+        let key = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            // We never advertise certificate algorithms; treat one as an unknown key.
+            PublicKeyOrCertificate::Certificate(cert) => {
+                return Err(HopError::HostKey(Box::new(SshError::HostKeyUnknown {
+                    peer: self.peer.clone(),
+                    fingerprint: format!(
+                        "certificate for {}",
+                        cert.public_key().fingerprint(HashAlg::Sha256)
+                    ),
+                    known_hosts: known.path.clone(),
+                })));
+            }
+        };
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let error = match known.verify(&self.lookup, key) {
+            Verdict::Trusted => {
+                tracing::debug!(host = %self.peer, %fingerprint, "host key verified");
+                return Ok(true);
+            }
+            Verdict::Unknown => SshError::HostKeyUnknown {
+                peer: self.peer.clone(),
+                fingerprint,
+                known_hosts: known.path.clone(),
+            },
+            Verdict::Changed { line } => SshError::HostKeyChanged {
+                peer: self.peer.clone(),
+                fingerprint,
+                line,
+                known_hosts: known.path.clone(),
+            },
+            Verdict::Revoked { line } => SshError::HostKeyRevoked {
+                peer: self.peer.clone(),
+                fingerprint,
+                line,
+                known_hosts: known.path.clone(),
+            },
+        };
+        Err(HopError::HostKey(Box::new(error)))
+    }
+}
+
+/// The name OpenSSH files a host under: `ip` for port 22, `[ip]:port` otherwise.
+fn known_hosts_name(addr: SocketAddr) -> String {
+    if addr.port() == 22 {
+        addr.ip().to_string()
+    } else {
+        format!("[{}]:{}", addr.ip(), addr.port())
+    }
+}
+
+/// A parsed `known_hosts` file.
+struct KnownHosts {
+    path: PathBuf,
+    /// (1-based line number, entry)
+    entries: Vec<(usize, Entry)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Trusted,
+    Unknown,
+    Changed { line: usize },
+    Revoked { line: usize },
+}
+
+impl KnownHosts {
+    /// Read and parse `path`. A missing or unreadable file is an error (not an empty list), so a
+    /// mistyped path is reported as such. Lines that do not parse are skipped, like OpenSSH does.
+    fn load(path: &Path) -> Result<KnownHosts, SshError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SshError::LocalFile {
+            what: "known_hosts",
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(KnownHosts::parse(path, &text))
+    }
+
+    fn parse(path: &Path, text: &str) -> KnownHosts {
+        let mut entries = Vec::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            // ssh-key's parser wants single spaces between fields; OpenSSH allows any blanks.
+            let normalised = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            match normalised.parse::<Entry>() {
+                Ok(entry) => entries.push((index + 1, entry)),
+                Err(e) => tracing::warn!(
+                    path = %path.display(), line = index + 1, error = %e,
+                    "skipping unparsable known_hosts line"
+                ),
+            }
+        }
+        KnownHosts {
+            path: path.to_owned(),
+            entries,
+        }
+    }
+
+    /// Entries that apply to `name`, ignoring `@cert-authority` lines.
+    fn applicable<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (usize, &'a Entry)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(_, e)| {
+                e.marker() != Some(&Marker::CertAuthority) && host_matches(e.host_patterns(), name)
+            })
+            .map(|(line, e)| (*line, e))
+    }
+
+    fn verify(&self, name: &str, key: &PublicKey) -> Verdict {
+        let mut first_other = None;
+        let mut trusted = false;
+        for (line, entry) in self.applicable(name) {
+            let same = entry.public_key().key_data() == key.key_data();
+            match entry.marker() {
+                Some(Marker::Revoked) if same => return Verdict::Revoked { line },
+                Some(_) => {}
+                None if same => trusted = true,
+                None => {
+                    first_other.get_or_insert(line);
+                }
+            }
+        }
+        match (trusted, first_other) {
+            (true, _) => Verdict::Trusted,
+            (false, Some(line)) => Verdict::Changed { line },
+            (false, None) => Verdict::Unknown,
+        }
+    }
+
+    /// The host-key algorithms to ask `name` for: those of its recorded keys, in russh's order
+    /// of preference. Empty when nothing is recorded.
+    fn algorithms_for(&self, name: &str) -> Vec<Algorithm> {
+        let recorded: Vec<Algorithm> = self
+            .applicable(name)
+            .filter(|(_, e)| e.marker().is_none())
+            .map(|(_, e)| family(&e.public_key().algorithm()))
+            .collect();
+        russh::Preferred::default()
+            .key
+            .iter()
+            .filter(|a| recorded.contains(&family(a)))
+            .cloned()
+            .collect()
+    }
+}
+
+/// RSA keys are one family whatever signature hash is negotiated.
+fn family(algorithm: &Algorithm) -> Algorithm {
+    match algorithm {
+        Algorithm::Rsa { .. } => Algorithm::Rsa { hash: None },
+        other => other.clone(),
+    }
+}
+
+fn host_matches(patterns: &HostPatterns, name: &str) -> bool {
+    match patterns {
+        HostPatterns::Patterns(list) => {
+            let mut hit = false;
+            for pattern in list {
+                if let Some(negated) = pattern.strip_prefix('!') {
+                    if glob(negated.as_bytes(), name.as_bytes()) {
+                        return false;
+                    }
+                } else if glob(pattern.as_bytes(), name.as_bytes()) {
+                    hit = true;
+                }
+            }
+            hit
+        }
+        HostPatterns::HashedName { salt, hash } => {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, salt);
+            ring::hmac::verify(&key, name.as_bytes(), hash).is_ok()
+        }
+    }
+}
+
+/// OpenSSH host-pattern matching: `*` any run of characters, `?` one character, otherwise
+/// exact (ASCII case-insensitive, as OpenSSH lowercases host names).
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(&c) if c == b'?' || c.eq_ignore_ascii_case(&text[t]) => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+
+    const ED_A: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA/GZYKo8S4/9tYOAyzpsfUaaTCm9AGiUxzOuw9CVpNT";
+    const ED_B: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKJGp9M0Pc8etpNAEsoNmoogJTIHN9ZpB1DGqVfkNYvU";
+
+    fn key(s: &str) -> PublicKey {
+        s.parse().unwrap()
+    }
+
+    fn vm() -> VmUuid {
+        "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b".parse().unwrap()
+    }
+
+    #[test]
+    fn command_is_the_constant_script_around_the_uuid() {
+        let cmd = kill_command(&vm());
+        assert!(cmd.starts_with("exec /bin/sh -c '"));
+        assert!(cmd.ends_with('\''));
+        let inner = &cmd["exec /bin/sh -c '".len()..cmd.len() - 1];
+        assert!(
+            !inner.contains('\''),
+            "the script must not contain a single quote"
+        );
+        assert!(!KILL_SCRIPT.contains('\''));
+        assert_eq!(KILL_SCRIPT.matches(UUID_SLOT).count(), 1);
+        assert_eq!(inner, KILL_SCRIPT.replace(UUID_SLOT, vm().as_str()));
+        assert!(inner.starts_with("u=0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\n"));
+    }
+
+    #[test]
+    fn script_parses_under_the_local_shells() {
+        for shell in ["/bin/sh", "/bin/dash", "/bin/bash", "/bin/busybox"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            let mut cmd = Command::new(shell);
+            if shell.ends_with("busybox") {
+                cmd.arg("sh");
+            }
+            let out = cmd.arg("-n").arg("-c").arg(KILL_SCRIPT).output().unwrap();
+            assert!(out.status.success(), "{shell}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn script_run_locally_finds_nothing_for_an_unused_uuid() {
+        // No qemu carries this uuid: the scan must pass its self-check and report "gone".
+        let vm: VmUuid = "deadbeef-0000-4000-8000-00000000f00d".parse().unwrap();
+        for shell in ["/bin/sh", "/bin/dash", "/bin/bash"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            let script = KILL_SCRIPT.replace(UUID_SLOT, vm.as_str());
+            // As sshd would run it: argv[0] is /bin/sh whatever shell implements it.
+            let out = Command::new(shell)
+                .arg0("/bin/sh")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{shell}: {out:?}");
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            assert_eq!(
+                stdout,
+                "rbdfence-kill found= killed= alive= unknown= gone=1\n",
+                "{shell}: stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    /// `/bin/sh` under a chosen argv[0], blocked in the `read` builtin, with extra arguments.
+    fn look_alike(argv0: &str, extra: &[&str]) -> std::process::Child {
+        let child = Command::new("/bin/sh")
+            .arg0(argv0)
+            .args(["-c", "read x", "look-alike"])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let path = format!("/proc/{}/cmdline", child.id());
+        while !std::fs::read(&path)
+            .unwrap_or_default()
+            .starts_with(argv0.as_bytes())
+        {
+            assert!(Instant::now() < deadline, "look-alike never exec'd");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    #[test]
+    fn script_run_locally_kills_only_matching_processes_under_dash_and_bash() {
+        for shell in ["/bin/dash", "/bin/bash"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            let vm: VmUuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let upper = vm.to_uppercase();
+            let mut target = look_alike("/usr/bin/qemu-system-x86_64", &["-uuid", &upper]);
+            let mut others = [
+                look_alike("not-qemu", &["-uuid", vm.as_str()]),
+                look_alike("qemu-system-x86_64", &["-name", vm.as_str()]),
+                look_alike("qemu-kvm", &["-uuid\nx", vm.as_str()]),
+            ];
+            let script = KILL_SCRIPT.replace(UUID_SLOT, vm.as_str());
+            let out = Command::new(shell)
+                .arg0("/bin/sh")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            let report = parse_report(&stdout);
+            let survivors: Vec<bool> = others
+                .iter_mut()
+                .map(|c| c.try_wait().unwrap().is_none())
+                .collect();
+            let _ = target.kill();
+            let _ = target.wait();
+            for c in &mut others {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let report = report.unwrap_or_else(|e| panic!("{shell}: {e}: {stdout:?}"));
+            assert_eq!(report.pids, vec![target.id()], "{shell}");
+            assert!(report.killed && report.gone, "{shell}: {report:?}");
+            assert_eq!(survivors, [true, true, true], "{shell}");
+        }
+    }
+
+    #[test]
+    fn report_parsing_is_strict() {
+        let ok = parse_report("rbdfence-kill found=12,34 killed=12,34 alive= unknown= gone=1\n")
+            .unwrap();
+        assert_eq!(
+            ok,
+            KillReport {
+                qemu_found: true,
+                pids: vec![12, 34],
+                killed: true,
+                gone: true,
+                alive: vec![],
+                unknown: vec![],
+            }
+        );
+        let none = parse_report("rbdfence-kill found= killed= alive= unknown= gone=1\n").unwrap();
+        assert!(!none.qemu_found && !none.killed && none.gone);
+        let stuck =
+            parse_report("rbdfence-kill found=7 killed=7 alive=7 unknown= gone=0\n").unwrap();
+        assert!(stuck.qemu_found && stuck.killed && !stuck.gone);
+        let unknown =
+            parse_report("rbdfence-kill found= killed= alive=9 unknown=9 gone=0\n").unwrap();
+        assert_eq!(unknown.unknown, vec![9]);
+
+        for bad in [
+            "",
+            "\n",
+            "rbdfence-kill found= killed= alive= unknown= gone=1",
+            "rbdfence-kill found= killed= alive= unknown= gone=1\n\n",
+            "hello\nrbdfence-kill found= killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= gone=1 extra=1\n",
+            "rbdfence-kill killed= found= alive= unknown= gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= gone=2\n",
+            "rbdfence-kill found= killed= alive= unknown= gone=\n",
+            "rbdfence-kill found=1 killed=2 alive= unknown= gone=1\n",
+            "rbdfence-kill found=1 killed=1 alive=1 unknown= gone=1\n",
+            "rbdfence-kill found=1 killed=1 alive= unknown= gone=0\n",
+            "rbdfence-kill found=1 killed= alive=5 unknown= gone=0\n",
+            "rbdfence-kill found=1,1 killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found=1, killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found=+1 killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found=0 killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found=99999999999 killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found=1 killed= alive= unknown=1 gone=1\n",
+            "rbdfence-kill  found= killed= alive= unknown= gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= gone=1\r\n",
+            "rbdfence-kill error=no-proc\n",
+            "RBDFENCE-KILL found= killed= alive= unknown= gone=1\n",
+        ] {
+            assert!(parse_report(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn interpret_maps_exit_states() {
+        let peer = Peer {
+            host_uuid: "h1".into(),
+            addr: "127.0.0.2:2222".parse().unwrap(),
+        };
+        let out = |stdout: &str, status: Option<u32>, signal: Option<&str>| Output {
+            stdout: stdout.as_bytes().to_vec(),
+            stdout_overflow: false,
+            stderr: b"boom".to_vec(),
+            exit_status: status,
+            exit_signal: signal.map(str::to_owned),
+        };
+        let report = "rbdfence-kill found= killed= alive= unknown= gone=1\n";
+        assert!(interpret(&peer, out(report, Some(0), None)).unwrap().gone);
+        let e = interpret(&peer, out(report, Some(1), None)).unwrap_err();
+        assert_eq!(e.label(), "remote");
+        let e = interpret(
+            &peer,
+            out("rbdfence-kill error=self-check\n", Some(3), None),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("self-check"), "{e}");
+        assert!(e.to_string().contains("h1 (127.0.0.2:2222)"), "{e}");
+        let e = interpret(&peer, out(report, None, Some("KILL"))).unwrap_err();
+        assert_eq!(e.label(), "remote");
+        let e = interpret(&peer, out(report, None, None)).unwrap_err();
+        assert_eq!(e.label(), "remote");
+        let e = interpret(&peer, out("motd\n", Some(0), None)).unwrap_err();
+        assert_eq!(e.label(), "bad_output");
+        assert_eq!(e.stage(), Some(Stage::Command));
+    }
+
+    #[test]
+    fn known_hosts_matching() {
+        let text = format!(
+            "# comment\n\
+             \n\
+             [127.0.0.2]:2222 {ED_A} host a\n\
+             127.0.0.3\t{ED_A}\n\
+             [127.0.0.4]:2222,[127.0.0.5]:2222   {ED_B}\n\
+             [127.0.0.4]:2222 {ED_A}\n\
+             @revoked [127.0.0.6]:2222 {ED_A}\n\
+             [127.0.0.6]:2222 {ED_A}\n\
+             @cert-authority [127.0.0.7]:2222 {ED_A}\n\
+             [127.0.0.8]:* {ED_A}\n\
+             127.0.0.*,!127.0.0.99 {ED_B}\n\
+             this line is garbage\n"
+        );
+        let kh = KnownHosts::parse(Path::new("/kh"), &text);
+        let a = key(ED_A);
+        let b = key(ED_B);
+        assert_eq!(kh.verify("[127.0.0.2]:2222", &a), Verdict::Trusted);
+        assert_eq!(
+            kh.verify("[127.0.0.2]:2222", &b),
+            Verdict::Changed { line: 3 }
+        );
+        // Same address, other port: a different host entry.
+        assert_eq!(kh.verify("[127.0.0.2]:2223", &a), Verdict::Unknown);
+        assert_eq!(kh.verify("127.0.0.3", &a), Verdict::Trusted);
+        // Any recorded key for the host that matches is enough (OpenSSH semantics).
+        assert_eq!(kh.verify("[127.0.0.4]:2222", &a), Verdict::Trusted);
+        assert_eq!(kh.verify("[127.0.0.5]:2222", &b), Verdict::Trusted);
+        assert_eq!(
+            kh.verify("[127.0.0.5]:2222", &a),
+            Verdict::Changed { line: 5 }
+        );
+        assert_eq!(
+            kh.verify("[127.0.0.6]:2222", &a),
+            Verdict::Revoked { line: 7 }
+        );
+        assert_eq!(kh.verify("[127.0.0.7]:2222", &a), Verdict::Unknown);
+        assert_eq!(kh.verify("[127.0.0.8]:2222", &a), Verdict::Trusted);
+        assert_eq!(kh.verify("127.0.0.50", &b), Verdict::Trusted);
+        assert_eq!(kh.verify("127.0.0.99", &b), Verdict::Unknown);
+        assert_eq!(kh.verify("10.0.0.1", &a), Verdict::Unknown);
+        assert_eq!(
+            kh.algorithms_for("[127.0.0.2]:2222"),
+            vec![Algorithm::Ed25519]
+        );
+        assert!(kh.algorithms_for("10.0.0.1").is_empty());
+    }
+
+    #[test]
+    fn hashed_known_hosts_entries_match() {
+        // `ssh-keygen -H` form of "[127.0.0.2]:2222", salt = 20 zero bytes.
+        let salt = [0u8; 20];
+        let key_hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &salt);
+        let tag = ring::hmac::sign(&key_hmac, b"[127.0.0.2]:2222");
+        let b64 = |bytes: &[u8]| {
+            // Tiny standard base64 encoder for the test.
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut out = String::new();
+            for chunk in bytes.chunks(3) {
+                let n = chunk.len();
+                let v = (u32::from(chunk[0]) << 16)
+                    | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+                    | u32::from(*chunk.get(2).unwrap_or(&0));
+                for i in 0..4 {
+                    if i <= n {
+                        out.push(char::from(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize]));
+                    } else {
+                        out.push('=');
+                    }
+                }
+            }
+            out
+        };
+        let line = format!("|1|{}|{} {ED_A}\n", b64(&salt), b64(tag.as_ref()));
+        let kh = KnownHosts::parse(Path::new("/kh"), &line);
+        assert_eq!(kh.entries.len(), 1, "{line}");
+        assert_eq!(kh.verify("[127.0.0.2]:2222", &key(ED_A)), Verdict::Trusted);
+        assert_eq!(
+            kh.verify("[127.0.0.2]:2222", &key(ED_B)),
+            Verdict::Changed { line: 1 }
+        );
+        assert_eq!(kh.verify("[127.0.0.3]:2222", &key(ED_A)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn known_hosts_names_and_globs() {
+        assert_eq!(
+            known_hosts_name("127.0.0.2:22".parse().unwrap()),
+            "127.0.0.2"
+        );
+        assert_eq!(
+            known_hosts_name("127.0.0.2:2222".parse().unwrap()),
+            "[127.0.0.2]:2222"
+        );
+        assert_eq!(
+            known_hosts_name("[::1]:2222".parse().unwrap()),
+            "[::1]:2222"
+        );
+        assert!(glob(b"*", b"anything"));
+        assert!(glob(b"127.0.0.?", b"127.0.0.5"));
+        assert!(!glob(b"127.0.0.?", b"127.0.0.55"));
+        assert!(glob(b"HOST*", b"host.example"));
+        assert!(glob(b"*.example", b"a.b.example"));
+        assert!(!glob(b"*.example", b"a.b.exampl"));
+        assert!(!glob(b"", b"x"));
+        assert!(glob(b"", b""));
+    }
+
+    #[test]
+    fn error_labels_are_bounded() {
+        let peer = Peer {
+            host_uuid: "h1".into(),
+            addr: "127.0.0.2:22".parse().unwrap(),
+        };
+        let e = SshError::Timeout {
+            peer: peer.clone(),
+            stage: Stage::Handshake,
+            after: Duration::from_secs(3),
+        };
+        assert_eq!(e.label(), "timeout");
+        assert_eq!(e.stage(), Some(Stage::Handshake));
+        assert_eq!(
+            e.to_string(),
+            "ssh h1 (127.0.0.2:22): handshake timed out after 3s"
+        );
+        let e = SshError::Auth {
+            peer,
+            user: "root".into(),
+        };
+        assert_eq!(e.label(), "auth");
+    }
+}

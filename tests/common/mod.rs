@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use rbdfence::rbd::{Ceph, ConnectOptions, ImageSpec, Timeouts};
 
+pub mod sshd;
+pub mod vm;
+
 /// The micro cluster the tests run against.
 pub struct Cluster {
     pub dir: PathBuf,

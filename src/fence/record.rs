@@ -1,0 +1,97 @@
+//! The reply to a fence request and the record kept of it (the ledger entry).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::decision::{ExecutorRole, VolumeEvidence};
+
+/// The body of the pre-instantiate reply, as the contract gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceReply {
+    pub fence_id: String,
+    /// `approve` or `deny`.
+    pub decision: String,
+    /// `success-killed`, `success-already-dead`, `success-ssh-unreachable` or `failed`.
+    pub outcome: String,
+    /// Machine-readable: `killed`, `active-elsewhere`, `blocklist-failed`, …
+    pub reason: String,
+    pub message: String,
+    pub evidence: EvidenceReport,
+    pub duration_ms: u64,
+}
+
+impl FenceReply {
+    pub fn approved(&self) -> bool {
+        self.decision == "approve"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EvidenceReport {
+    pub volumes: Vec<VolumeReport>,
+    /// Absent when the blocklist step did not run.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub blocklist: Option<BlocklistReport>,
+    /// Absent when the kill step did not run.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kill: Option<KillReportJson>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeReport {
+    pub image: String,
+    pub watchers: Vec<crate::rbd::Watcher>,
+    pub lock_owners: Vec<crate::rbd::LockOwner>,
+}
+
+impl From<&VolumeEvidence> for VolumeReport {
+    fn from(v: &VolumeEvidence) -> Self {
+        VolumeReport {
+            image: v.image.to_string(),
+            watchers: v.watchers.clone(),
+            lock_owners: v.lock_owners.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocklistReport {
+    /// The entries asked for (`IP:0/0` for each storage address, plus exact addresses seen).
+    pub entries: Vec<String>,
+    /// The osdmap epoch in which they were confirmed; absent when the step failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub osdmap_epoch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillReportJson {
+    /// The host the kill ran through; `null` for a direct session from rbdfence.
+    pub executor: Option<String>,
+    pub role: ExecutorRole,
+    pub ssh_reachable: bool,
+    pub qemu_found: bool,
+    pub killed: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+/// What the ledger keeps: the request, the reply, and the stage timings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub request_id: Option<String>,
+    pub vm_uuid: String,
+    pub failed_host: String,
+    pub target_host: String,
+    pub volumes: Vec<String>,
+    pub dry_run: bool,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// Milliseconds spent per stage (`evidence`, `blocklist`, `osdmap`, `ssh`).
+    pub stages_ms: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub reply: FenceReply,
+}

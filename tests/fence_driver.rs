@@ -1,0 +1,474 @@
+//! The fence driver with FAKE ports (no Ceph, no SSH): step order, timeouts, route fallback
+//! and fail-closed error handling. Real-stack behaviour is in tests/fence_e2e.rs.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rbdfence::fence::decision::ExecutorRole;
+use rbdfence::fence::driver::{CephPort, Engine, FenceRequest, FenceSettings, KillPort};
+use rbdfence::fence::inventory::{Host, Inventory};
+use rbdfence::fence::ledger::Ledger;
+use rbdfence::fence::ssh::{KillReport, Peer, Route, SshError, Stage};
+use rbdfence::fence::vm::VmUuid;
+use rbdfence::rbd::{
+    BlocklistEntry, BlocklistItem, CephError, ImageSpec, ImageStatus, LockMode, LockOwner, Op,
+    Watcher,
+};
+
+type Log = Arc<Mutex<Vec<String>>>;
+type Answer = Arc<dyn Fn(&str) -> Result<KillReport, SshError> + Send + Sync>;
+
+/// A fake Ceph: serves scripted image statuses and keeps an in-memory blocklist.
+#[derive(Clone, Default)]
+struct FakeCeph {
+    log: Log,
+    status: Arc<Mutex<Vec<(String, ImageStatus)>>>,
+    listed: Arc<Mutex<Vec<String>>>,
+    fail_add: bool,
+    hang_status: bool,
+    drop_from_ls: bool,
+}
+
+impl CephPort for FakeCeph {
+    async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
+        self.log.lock().unwrap().push(format!("status {spec}"));
+        if self.hang_status {
+            std::future::pending::<()>().await;
+        }
+        let found = self
+            .status
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(s, _)| *s == spec.to_string())
+            .map(|(_, st)| st.clone());
+        found.ok_or_else(|| {
+            CephError::new(
+                Op::OpenImage,
+                spec.to_string(),
+                libc::ENOENT,
+                "no such image",
+            )
+        })
+    }
+    async fn blocklist_add(
+        &self,
+        entry: BlocklistEntry,
+        _expire: Duration,
+    ) -> Result<(), CephError> {
+        self.log.lock().unwrap().push(format!("add {entry}"));
+        if self.fail_add {
+            return Err(CephError::new(
+                Op::BlocklistAdd,
+                entry.to_string(),
+                libc::EACCES,
+                "access denied",
+            ));
+        }
+        if !self.drop_from_ls {
+            self.listed.lock().unwrap().push(entry.to_string());
+        }
+        Ok(())
+    }
+    async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
+        self.log.lock().unwrap().push("wait-osdmap".into());
+        Ok(())
+    }
+    async fn blocklist_ls(&self) -> Result<Vec<BlocklistItem>, CephError> {
+        Ok(self
+            .listed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| BlocklistItem {
+                entry: e.clone(),
+                kind: "addr".into(),
+                until: String::new(),
+            })
+            .collect())
+    }
+    async fn osdmap_epoch(&self) -> Result<u64, CephError> {
+        Ok(42)
+    }
+}
+
+/// A fake SSH killer: answers per route from a script.
+#[derive(Clone)]
+struct FakeKiller {
+    log: Log,
+    answer: Answer,
+}
+
+fn route_name(route: &Route<'_>) -> String {
+    match route {
+        Route::Direct(t) => format!("direct {}", t.host_uuid),
+        Route::Via { jump, target } => format!("via {} to {}", jump.host_uuid, target.host_uuid),
+    }
+}
+
+impl KillPort for FakeKiller {
+    async fn kill(&self, route: Route<'_>, _vm: &VmUuid) -> Result<KillReport, SshError> {
+        let name = route_name(&route);
+        self.log.lock().unwrap().push(format!("kill {name}"));
+        (self.answer)(&name)
+    }
+}
+
+fn host(uuid: &str, ip: &str) -> Host {
+    Host {
+        uuid: uuid.into(),
+        cluster: "c1".into(),
+        storage_addrs: vec![ip.parse().unwrap()],
+        ssh: format!("{ip}:22").parse().unwrap(),
+    }
+}
+
+fn peer(uuid: &str) -> Peer {
+    Peer {
+        host_uuid: uuid.into(),
+        addr: "127.0.0.1:22".parse().unwrap(),
+    }
+}
+
+fn killed() -> Result<KillReport, SshError> {
+    Ok(KillReport {
+        qemu_found: true,
+        pids: vec![7],
+        killed: true,
+        gone: true,
+        alive: vec![],
+        unknown: vec![],
+    })
+}
+
+fn timeout(uuid: &str) -> SshError {
+    SshError::Timeout {
+        peer: peer(uuid),
+        stage: Stage::Handshake,
+        after: Duration::from_secs(5),
+    }
+}
+
+fn settings() -> FenceSettings {
+    FenceSettings {
+        blocklist_expire: Duration::from_secs(3600),
+        deadline: Duration::from_secs(2),
+        evidence_timeout: Duration::from_secs(1),
+        blocklist_timeout: Duration::from_secs(1),
+        ssh_timeout: Duration::from_secs(1),
+    }
+}
+
+struct Setup {
+    log: Log,
+    engine: Engine<FakeCeph, FakeKiller>,
+}
+
+fn setup(
+    ceph: FakeCeph,
+    answer: impl Fn(&str) -> Result<KillReport, SshError> + Send + Sync + 'static,
+) -> Setup {
+    let log = ceph.log.clone();
+    let status = ImageStatus {
+        watchers: vec![Watcher {
+            address: "127.0.0.2:0/99".into(),
+            client: 1,
+            cookie: 2,
+        }],
+        lock_owners: vec![LockOwner {
+            mode: LockMode::Exclusive,
+            address: "127.0.0.2:0/99".into(),
+        }],
+    };
+    ceph.status
+        .lock()
+        .unwrap()
+        .push(("rbd/root".into(), status));
+    let engine = Engine {
+        killer: FakeKiller {
+            log: log.clone(),
+            answer: Arc::new(answer),
+        },
+        ceph,
+        inventory: Inventory::new(vec![
+            host("h1", "127.0.0.2"),
+            host("h2", "127.0.0.3"),
+            host("h3", "127.0.0.4"),
+        ]),
+        settings: settings(),
+        ledger: Ledger::in_memory(),
+        own_addrs: vec!["127.0.0.1:0/5".parse().unwrap()],
+        observer: None,
+    };
+    Setup { log, engine }
+}
+
+fn request() -> FenceRequest {
+    FenceRequest {
+        request_id: Some("r-1".into()),
+        vm: "0b6e3f4a-1c2d-4e5f-8a9b-0c1d2e3f4a5b".parse().unwrap(),
+        failed_host: "h1".into(),
+        target_host: "h2".into(),
+        volumes: vec!["rbd/root".parse().unwrap()],
+        dry_run: false,
+    }
+}
+
+fn calls(log: &Log) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn fences_storage_first_then_kills_through_a_bystander_sibling() {
+    let s = setup(FakeCeph::default(), |_| killed());
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.outcome.as_str()),
+        ("approve", "success-killed")
+    );
+    let log = calls(&s.log);
+    let first_kill = log.iter().position(|c| c.starts_with("kill")).unwrap();
+    let last_add = log.iter().rposition(|c| c.starts_with("add")).unwrap();
+    assert!(last_add < first_kill, "blocklist before SSH: {log:?}");
+    assert!(
+        log.contains(&"add 127.0.0.2:0/0".to_string())
+            && log.contains(&"add 127.0.0.2:0/99".to_string())
+    );
+    // h3 is a bystander sibling; h2 (the HA target) would only be used after it.
+    assert_eq!(log[first_kill], "kill via h3 to h1");
+    let kill = r.reply.evidence.kill.clone().unwrap();
+    assert_eq!(
+        (kill.executor.as_deref(), kill.role),
+        (Some("h3"), ExecutorRole::Sibling)
+    );
+    assert_eq!(
+        r.reply.evidence.blocklist.as_ref().unwrap().osdmap_epoch,
+        Some(42)
+    );
+    // Recorded before the reply.
+    assert_eq!(s.engine.ledger.by_request_id("r-1").unwrap().reply, r.reply);
+}
+
+#[tokio::test]
+async fn an_unusable_sibling_is_skipped_then_the_target_then_direct() {
+    let s = setup(FakeCeph::default(), |route| match route {
+        "via h3 to h1" => Err(timeout("h3")),
+        "via h2 to h1" => Err(timeout("h2")),
+        _ => killed(),
+    });
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(r.reply.outcome, "success-killed");
+    let kills: Vec<String> = calls(&s.log)
+        .into_iter()
+        .filter(|c| c.starts_with("kill"))
+        .collect();
+    assert_eq!(
+        kills,
+        vec!["kill via h3 to h1", "kill via h2 to h1", "kill direct h1"]
+    );
+    assert_eq!(r.reply.evidence.kill.unwrap().role, ExecutorRole::Direct);
+}
+
+#[tokio::test]
+async fn the_failed_host_unreachable_from_a_working_sibling_ends_the_search() {
+    let s = setup(FakeCeph::default(), |_| Err(timeout("h1")));
+    let r = s.engine.fence(&request()).await;
+    // Blocklist confirmed: SSH unreachable only changes the label.
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.outcome.as_str()),
+        ("approve", "success-ssh-unreachable")
+    );
+    let kills: Vec<String> = calls(&s.log)
+        .into_iter()
+        .filter(|c| c.starts_with("kill"))
+        .collect();
+    assert_eq!(kills, vec!["kill via h3 to h1"]);
+    assert!(!r.reply.evidence.kill.unwrap().ssh_reachable);
+}
+
+#[tokio::test]
+async fn ssh_timeout_without_a_blocklist_is_a_deny() {
+    let s = setup(
+        FakeCeph {
+            fail_add: true,
+            ..Default::default()
+        },
+        |_| Err(timeout("h1")),
+    );
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "blocklist-failed")
+    );
+    assert_eq!(r.reply.outcome, "failed");
+    assert!(r.reply.message.contains("EACCES"), "{}", r.reply.message);
+}
+
+#[tokio::test]
+async fn blocklist_failed_but_kill_confirmed_approves() {
+    let s = setup(
+        FakeCeph {
+            fail_add: true,
+            ..Default::default()
+        },
+        |_| killed(),
+    );
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.outcome.as_str()),
+        ("approve", "success-killed")
+    );
+    assert!(r.reply.evidence.blocklist.unwrap().error.is_some());
+}
+
+#[tokio::test]
+async fn an_entry_missing_from_the_osdmap_is_a_failed_blocklist() {
+    let s = setup(
+        FakeCeph {
+            drop_from_ls: true,
+            ..Default::default()
+        },
+        |_| Err(timeout("h1")),
+    );
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(r.reply.reason, "blocklist-failed");
+    assert!(
+        r.reply.message.contains("not in the osdmap"),
+        "{}",
+        r.reply.message
+    );
+}
+
+#[tokio::test]
+async fn a_hung_ceph_ends_in_a_deny_within_the_deadline() {
+    let s = setup(
+        FakeCeph {
+            hang_status: true,
+            ..Default::default()
+        },
+        |_| killed(),
+    );
+    let t = Instant::now();
+    let r = s.engine.fence(&request()).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "ceph-unavailable")
+    );
+    assert!(
+        !calls(&s.log)
+            .iter()
+            .any(|c| c.starts_with("add") || c.starts_with("kill"))
+    );
+}
+
+#[tokio::test]
+async fn active_elsewhere_and_dry_run_touch_nothing() {
+    let s = setup(FakeCeph::default(), |_| killed());
+    s.engine.ceph.status.lock().unwrap().push((
+        "rbd/data".into(),
+        ImageStatus {
+            watchers: vec![Watcher {
+                address: "127.0.0.3:0/1".into(),
+                client: 3,
+                cookie: 4,
+            }],
+            lock_owners: vec![],
+        },
+    ));
+    let mut req = request();
+    req.volumes.push("rbd/data".parse().unwrap());
+    let r = s.engine.fence(&req).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "active-elsewhere")
+    );
+    assert_eq!(
+        r.reply.evidence.volumes.len(),
+        2,
+        "the evidence is in the reply"
+    );
+
+    let s = setup(FakeCeph::default(), |_| killed());
+    let r = s
+        .engine
+        .fence(&FenceRequest {
+            dry_run: true,
+            ..request()
+        })
+        .await;
+    assert_eq!(r.reply.reason, "dry-run");
+    assert!(
+        !calls(&s.log)
+            .iter()
+            .any(|c| c.starts_with("add") || c.starts_with("kill")),
+        "{:?}",
+        calls(&s.log)
+    );
+}
+
+#[tokio::test]
+async fn missing_volume_and_unknown_host_deny() {
+    let s = setup(FakeCeph::default(), |_| killed());
+    let mut req = request();
+    req.volumes.push("rbd/missing".parse().unwrap());
+    assert_eq!(s.engine.fence(&req).await.reply.reason, "image-not-found");
+    let r = s
+        .engine
+        .fence(&FenceRequest {
+            failed_host: "nope".into(),
+            ..request()
+        })
+        .await;
+    assert_eq!(r.reply.reason, "unknown-host");
+    let r = s
+        .engine
+        .fence(&FenceRequest {
+            target_host: "h1".into(),
+            ..request()
+        })
+        .await;
+    assert_eq!(
+        r.reply.reason, "unknown-host",
+        "the target may not be the failed host"
+    );
+    assert!(
+        !calls(&s.log)
+            .iter()
+            .any(|c| c.starts_with("add") || c.starts_with("kill"))
+    );
+}
+
+#[tokio::test]
+async fn an_unwritable_ledger_turns_an_approval_into_a_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.jsonl");
+    let mut s = setup(FakeCeph::default(), |_| killed());
+    s.engine.ledger = Ledger::open(path.clone()).unwrap();
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(r.reply.decision, "approve");
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    // Reloads what was recorded.
+    assert_eq!(
+        Ledger::open(path.clone())
+            .unwrap()
+            .by_request_id("r-1")
+            .unwrap()
+            .reply
+            .fence_id,
+        r.reply.fence_id
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap(); // a directory where the file should be: appends fail
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "ledger-failed")
+    );
+}

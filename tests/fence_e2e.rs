@@ -1,0 +1,424 @@
+//! The fence engine end to end, through `rbdfence fence`: the real micro Ceph cluster, real
+//! qemu VMs whose RBD disks are opened from the failed host's own address, and real OpenSSH
+//! sshds for the failed host and a sibling. Named e2e_* so nextest runs them one at a time.
+//!
+//! Loopback addresses used: 127.0.0.61 – 127.0.0.75.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::sshd::{ClientKey, Sshd, write_known_hosts, write_known_hosts_with_wrong_key};
+use common::vm::{Vm, image_byte};
+use common::{BlocklistGuard, Holder, TestImage, admin, cluster, eventually};
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+fn new_uuid() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let h = format!("{:032x}", n ^ (u128::from(std::process::id()) << 64));
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Three hosts of cluster c1: h1 fails (storage + sshd on .A), h2 is the HA target (.A+1, no
+/// sshd), h3 a healthy sibling (sshd on .A+2). Writes the service config.
+struct Stack {
+    dir: tempfile::TempDir,
+    key: ClientKey,
+    failed_ip: Ipv4Addr,
+    failed_sshd: Option<Sshd>,
+    sibling_sshd: Sshd,
+    config: PathBuf,
+}
+
+impl Stack {
+    fn new(base: u8) -> Stack {
+        let key = ClientKey::generate();
+        let failed_ip = ip(base);
+        let failed_sshd = Sshd::start(failed_ip, &key);
+        let sibling_sshd = Sshd::start(ip(base + 2), &key);
+        let dir = tempfile::Builder::new()
+            .prefix("rbdfence-e2e-")
+            .tempdir()
+            .unwrap();
+        write_known_hosts(
+            &dir.path().join("known_hosts"),
+            &[&failed_sshd, &sibling_sshd],
+        );
+        let mut s = Stack {
+            config: dir.path().join("rbdfence.toml"),
+            dir,
+            key,
+            failed_ip,
+            failed_sshd: Some(failed_sshd),
+            sibling_sshd,
+        };
+        s.write_config("rbdfence", &cluster().conf.clone());
+        s
+    }
+
+    fn write_config(&mut self, ceph_id: &str, ceph_conf: &std::path::Path) {
+        let failed_ssh = self
+            .failed_sshd
+            .as_ref()
+            .map(|s| s.addr().to_string())
+            .unwrap_or(format!("{}:1", self.failed_ip));
+        let o = self.failed_ip.octets()[3];
+        let text = format!(
+            r#"
+[ceph]
+conf = "{conf}"
+id = "{ceph_id}"
+op_timeout_secs = 5
+connect_timeout_secs = 5
+[fence]
+blocklist_expire_secs = 600
+deadline_secs = 40
+ssh_timeout_secs = 20
+ledger = "{ledger}"
+[ssh]
+user = "root"
+identity = "{identity}"
+known_hosts = "{known_hosts}"
+connect_timeout_secs = 3
+command_timeout_secs = 10
+[[hosts]]
+uuid = "h1"
+cluster = "c1"
+storage_addrs = ["127.0.0.{o}"]
+ssh = "{failed_ssh}"
+[[hosts]]
+uuid = "h2"
+cluster = "c1"
+storage_addrs = ["127.0.0.{t}"]
+ssh = "127.0.0.{t}:1"
+[[hosts]]
+uuid = "h3"
+cluster = "c1"
+storage_addrs = ["127.0.0.{s}"]
+ssh = "{sibling_ssh}"
+"#,
+            conf = ceph_conf.display(),
+            ledger = self.dir.path().join("ledger.jsonl").display(),
+            identity = self.key.identity().display(),
+            known_hosts = self.dir.path().join("known_hosts").display(),
+            t = o + 1,
+            s = o + 2,
+            sibling_ssh = self.sibling_sshd.addr(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Runs `rbdfence fence --json` and returns (exit code, reply).
+    fn fence(&self, vm: &str, volumes: &[&TestImage]) -> (i32, serde_json::Value) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rbdfence"));
+        cmd.args(["fence", "--config"]).arg(&self.config);
+        cmd.args([
+            "--vm",
+            vm,
+            "--failed-host",
+            "h1",
+            "--target-host",
+            "h2",
+            "--json",
+        ]);
+        for v in volumes {
+            cmd.args(["--volume", &v.name()]);
+        }
+        let out = cmd.output().unwrap();
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "no JSON reply ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.code().unwrap_or(-1), reply)
+    }
+
+    fn ledger(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ledger.jsonl")).unwrap_or_default()
+    }
+}
+
+/// Lifts whatever a fence added, when the test ends.
+fn guard_for(reply: &serde_json::Value) -> BlocklistGuard {
+    let entries = reply["evidence"]["blocklist"]["entries"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    BlocklistGuard { entries }
+}
+
+async fn listed(entry: &str) -> bool {
+    admin()
+        .await
+        .blocklist_ls()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.entry == entry)
+}
+
+async fn wait_no_watchers(img: &TestImage) {
+    let ceph = admin().await;
+    eventually(
+        "the frozen VM's watch expires",
+        Duration::from_secs(40),
+        || {
+            let ceph = ceph.clone();
+            let spec = img.spec.clone();
+            async move {
+                ceph.image_status(&spec)
+                    .await
+                    .ok()
+                    .filter(|s| s.watchers.is_empty())
+            }
+        },
+    )
+    .await;
+}
+
+/// The race ZStack's watcher check loses: the VM is frozen until its watch expires, the
+/// watchers are empty — but the lock owner says who wrote last, and the fence goes on.
+#[tokio::test]
+async fn e2e_empty_watcher_race_is_fenced_and_killed_through_a_sibling() {
+    let stack = Stack::new(61);
+    let img = TestImage::create("e2e-race");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.61", &uuid);
+    vm.write(0, 0xab);
+    vm.freeze();
+    wait_no_watchers(&img).await;
+    let status = admin().await.image_status(&img.spec).await.unwrap();
+    assert_eq!(
+        status.lock_owners.len(),
+        1,
+        "the stale lock owner is the evidence"
+    );
+
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let _guard = guard_for(&reply);
+    assert_eq!(code, 0, "{reply:#}");
+    assert_eq!(reply["decision"], "approve", "{reply:#}");
+    assert_eq!(reply["outcome"], "success-killed");
+    assert_eq!(reply["evidence"]["kill"]["executor"], "h3");
+    assert_eq!(reply["evidence"]["kill"]["role"], "sibling");
+    assert_eq!(reply["evidence"]["kill"]["qemu_found"], true);
+    assert_eq!(
+        reply["evidence"]["volumes"][0]["watchers"],
+        serde_json::json!([])
+    );
+    assert!(
+        reply["evidence"]["blocklist"]["osdmap_epoch"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(vm.wait_gone(Duration::from_secs(5)), "the qemu is gone");
+    assert!(
+        listed("127.0.0.61:0/0").await,
+        "the blocklist entry is present"
+    );
+    assert!(
+        stack.ledger().contains(reply["fence_id"].as_str().unwrap()),
+        "recorded in the ledger"
+    );
+}
+
+/// The failed host hangs (its sshd frozen): no SSH proof, but the storage fence holds — and
+/// when the frozen VM comes back, its writes do not reach the image.
+#[tokio::test]
+async fn e2e_ssh_unreachable_is_approved_only_because_the_blocklist_holds() {
+    let stack = Stack::new(64);
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let img = TestImage::create("e2e-unreach");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.64", &uuid);
+    vm.write(0, 0xab);
+    vm.freeze();
+
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let _guard = guard_for(&reply);
+    assert_eq!(code, 0, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
+    assert!(listed("127.0.0.64:0/0").await);
+
+    vm.thaw();
+    assert!(vm.alive(), "nobody killed it: SSH never reached the host");
+    vm.write(8192, 0xcd);
+    assert_eq!(
+        image_byte(&img, 0),
+        0xab,
+        "the write before the fence landed"
+    );
+    assert_eq!(
+        image_byte(&img, 8192),
+        0,
+        "the write after the fence did not land"
+    );
+}
+
+/// A watcher from another host (here the HA target itself): deny, and touch nothing.
+#[tokio::test]
+async fn e2e_a_watcher_elsewhere_denies_without_touching_anything() {
+    let stack = Stack::new(67);
+    let img = TestImage::create("e2e-elsewhere");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.67", &uuid);
+    let _other = Holder::start(&img, "127.0.0.68");
+    let before = admin().await.blocklist_ls().await.unwrap();
+
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let _guard = guard_for(&reply);
+    assert_eq!(code, 1);
+    assert_eq!(
+        (reply["decision"].as_str(), reply["reason"].as_str()),
+        (Some("deny"), Some("active-elsewhere")),
+        "{reply:#}"
+    );
+    assert_eq!(reply["outcome"], "failed");
+    assert!(reply["evidence"]["blocklist"].is_null() && reply["evidence"]["kill"].is_null());
+    assert_eq!(
+        admin().await.blocklist_ls().await.unwrap(),
+        before,
+        "no blocklist entry added"
+    );
+    assert!(vm.alive(), "the VM was not killed");
+}
+
+/// The VM's qemu is already gone from the failed host.
+#[tokio::test]
+async fn e2e_a_vm_already_gone_is_success_already_dead() {
+    let stack = Stack::new(70);
+    let img = TestImage::create("e2e-gone");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.70", &uuid);
+    vm.write(0, 0x11);
+    common::signal(vm.pid, libc::SIGKILL);
+    assert!(vm.wait_gone(Duration::from_secs(5)));
+
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let _guard = guard_for(&reply);
+    assert_eq!(code, 0, "{reply:#}");
+    assert_eq!(reply["outcome"], "success-already-dead", "{reply:#}");
+    assert_eq!(reply["evidence"]["kill"]["qemu_found"], false);
+    assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], true);
+}
+
+/// A wrong host key for the failed host is never "reachable": with the blocklist the answer
+/// is success-ssh-unreachable and the VM is not touched; without the blocklist it is a deny.
+#[tokio::test]
+async fn e2e_a_wrong_host_key_is_never_reachable() {
+    let mut stack = Stack::new(73);
+    let failed = stack.failed_sshd.as_ref().unwrap();
+    write_known_hosts_with_wrong_key(
+        &stack.dir.path().join("known_hosts"),
+        failed,
+        &[&stack.sibling_sshd],
+    );
+    let img = TestImage::create("e2e-hostkey");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.73", &uuid);
+    vm.write(0, 0x22);
+
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let guard = guard_for(&reply);
+    assert_eq!(code, 0, "{reply:#}");
+    assert_eq!(reply["outcome"], "success-ssh-unreachable", "{reply:#}");
+    assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
+    let err = reply["evidence"]["kill"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        err.contains("h1") && err.to_lowercase().contains("key"),
+        "{err}"
+    );
+    assert!(
+        vm.alive(),
+        "a host with a wrong key was not trusted to run the kill"
+    );
+    drop(guard);
+
+    // Without a working blocklist: a Ceph user that may read images but not blocklist.
+    let user = format!("rbdfence-nobl-{}", std::process::id());
+    let keyring = stack.dir.path().join("nobl.keyring");
+    let conf = stack.dir.path().join("nobl.conf");
+    let out = Command::new("ceph")
+        .arg("--conf")
+        .arg(&cluster().conf)
+        .args([
+            "auth",
+            "get-or-create",
+            &format!("client.{user}"),
+            "mon",
+            "allow r",
+            "osd",
+            "profile rbd",
+            "-o",
+        ])
+        .arg(&keyring)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&cluster().conf).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("keyring") {
+                format!("keyring = {}", keyring.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&conf, text + "\n").unwrap();
+    stack.write_config(&user, &conf);
+    let (code, reply) = stack.fence(&uuid, &[&img]);
+    let _guard = guard_for(&reply);
+    let _ = Command::new("ceph")
+        .arg("--conf")
+        .arg(&cluster().conf)
+        .args(["auth", "rm", &format!("client.{user}")])
+        .status();
+    assert_eq!(code, 1, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["reason"].as_str()),
+        (Some("deny"), Some("blocklist-failed")),
+        "{reply:#}"
+    );
+    assert!(
+        reply["message"].as_str().unwrap().contains("EACCES"),
+        "{reply:#}"
+    );
+    assert!(vm.alive());
+}

@@ -1,0 +1,575 @@
+//! The SSH kill step end to end: a real OpenSSH sshd as the host, a real qemu as the VM, and
+//! decoy processes that must survive. Every test uses its own loopback address, temp dirs and
+//! uuids, and ends every process it starts (guards' `Drop`), even when it fails.
+//!
+//! Loopback addresses used: 127.0.0.51 – 127.0.0.58.
+#![allow(clippy::unwrap_used)]
+
+#[path = "common/sshd.rs"]
+mod sshd;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rbdfence::fence::ssh::{KillReport, Route, SshError, SshSettings, SshTarget, Stage, kill_qemu};
+use rbdfence::fence::vm::VmUuid;
+use sshd::{ClientKey, Sshd, send_signal, write_known_hosts, write_known_hosts_with_wrong_key};
+
+/// Generous budgets: a loaded 2-core CI machine must not turn a slow login into a failure.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Slack allowed on top of a timeout before we call it a hang.
+const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+fn random_uuid() -> VmUuid {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn settings(client: &ClientKey, known_hosts: &Path) -> SshSettings {
+    SshSettings {
+        user: "root".to_owned(),
+        identity: client.identity().to_owned(),
+        known_hosts: known_hosts.to_owned(),
+        connect_timeout: CONNECT_TIMEOUT,
+        command_timeout: COMMAND_TIMEOUT,
+    }
+}
+
+fn target(host_uuid: &str, sshd: &Sshd) -> SshTarget {
+    SshTarget {
+        host_uuid: host_uuid.to_owned(),
+        addr: sshd.addr(),
+    }
+}
+
+/// A live process: exists and is not a zombie (state from /proc/PID/stat).
+fn is_live(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split(' ').next());
+    !matches!(state, Some("Z" | "X"))
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// A real qemu (paused, no disk) carrying `-uuid`, daemonized; SIGKILLed on drop if still ours.
+struct Qemu {
+    _dir: tempfile::TempDir,
+    pid: u32,
+    uuid: VmUuid,
+}
+
+impl Qemu {
+    fn start(uuid: &VmUuid) -> Qemu {
+        let dir = tempfile::Builder::new()
+            .prefix("rbdfence-qemu-")
+            .tempdir()
+            .unwrap();
+        let pid_file = dir.path().join("qemu.pid");
+        let out = Command::new("qemu-system-x86_64")
+            .args(["-S", "-nodefaults", "-display", "none", "-name", "guest=t"])
+            .args(["-uuid", uuid.as_str(), "-m", "64", "-daemonize", "-pidfile"])
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu failed to start: {out:?}");
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let qemu = Qemu {
+            _dir: dir,
+            pid,
+            uuid: uuid.clone(),
+        };
+        assert!(is_live(pid), "qemu {pid} is not running");
+        assert!(
+            qemu.is_ours(),
+            "pid {pid} is not our qemu: {:?}",
+            cmdline(pid)
+        );
+        qemu
+    }
+
+    /// The pid still names our qemu (guards against a recycled pid in `Drop`).
+    fn is_ours(&self) -> bool {
+        let args = cmdline(self.pid);
+        args.windows(2)
+            .any(|w| w[0] == "-uuid" && w[1] == self.uuid.as_str())
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            send_signal(self.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A process whose argv the finder must judge: `/bin/sh` under a chosen argv[0], blocked in the
+/// `read` builtin (no child process), with `extra` arguments after the script.
+struct Decoy {
+    child: Child,
+}
+
+impl Decoy {
+    fn spawn(argv0: &str, extra: &[&str]) -> Decoy {
+        let child = Command::new("/bin/sh")
+            .arg0(argv0)
+            .args(["-c", "read x", "rbdfence-decoy"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Wait (bounded) until the kernel shows the new argv.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cmdline(pid).first().map(String::as_str) != Some(argv0) {
+            assert!(
+                Instant::now() < deadline,
+                "decoy {pid} never showed argv0 {argv0}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Decoy { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Decoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn assert_killed(report: &KillReport, pids: &[u32]) {
+    assert!(report.qemu_found, "{report:?}");
+    let mut got = report.pids.clone();
+    got.sort_unstable();
+    let mut want = pids.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "{report:?}");
+    assert!(report.killed, "{report:?}");
+    assert!(report.gone, "{report:?}");
+    assert!(report.alive.is_empty(), "{report:?}");
+    assert!(report.unknown.is_empty(), "{report:?}");
+}
+
+fn known_hosts_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("known_hosts")
+}
+
+#[tokio::test]
+async fn e2e_direct_kill_kills_only_the_vms_qemu() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(51), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host]);
+
+    let vm = random_uuid();
+    let other_vm = random_uuid();
+    let qemu = Qemu::start(&vm);
+    let other_qemu = Qemu::start(&other_vm);
+    let decoys = [
+        // Carries `-uuid VM`, but argv[0] is not qemu.
+        Decoy::spawn("rbdfence-not-qemu", &["-uuid", vm.as_str()]),
+        // Looks like qemu and carries the uuid, but not as the value of -uuid.
+        Decoy::spawn("/usr/bin/qemu-system-x86_64", &["-name", vm.as_str()]),
+        // Looks like qemu, with -uuid at the very end and no value.
+        Decoy::spawn("/usr/bin/qemu-system-x86_64", &[vm.as_str(), "-uuid"]),
+        // Another VM's qemu look-alike.
+        Decoy::spawn("qemu-system-x86_64", &["-uuid", other_vm.as_str()]),
+        // The uuid with something appended.
+        Decoy::spawn("qemu-kvm", &["-uuid", &format!("{vm}0")]),
+    ];
+
+    let started = Instant::now();
+    let report = kill_qemu(
+        &settings(&client, &kh),
+        Route::Direct(&target("h51", &host)),
+        &vm,
+    )
+    .await
+    .unwrap();
+    eprintln!("direct kill round trip: {:?}", started.elapsed());
+
+    assert_killed(&report, &[qemu.pid]);
+    assert!(!is_live(qemu.pid), "qemu {} survived", qemu.pid);
+    assert!(is_live(other_qemu.pid), "the other VM's qemu was killed");
+    for d in &decoys {
+        assert!(is_live(d.pid()), "decoy {:?} was killed", cmdline(d.pid()));
+    }
+
+    // Repeating the step is safe and now finds nothing.
+    let again = kill_qemu(
+        &settings(&client, &kh),
+        Route::Direct(&target("h51", &host)),
+        &vm,
+    )
+    .await
+    .unwrap();
+    assert!(
+        !again.qemu_found && !again.killed && again.gone,
+        "{again:?}"
+    );
+    assert!(is_live(other_qemu.pid));
+}
+
+#[tokio::test]
+async fn e2e_qemu_kvm_with_an_uppercase_uuid_is_matched() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(57), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host]);
+
+    let vm = random_uuid();
+    // A qemu-kvm look-alike, started by hand with the uuid in upper case.
+    let kvm = Decoy::spawn("/usr/libexec/qemu-kvm", &["-uuid", &vm.to_uppercase()]);
+    let bystander = Decoy::spawn("bash", &["-uuid", &vm.to_uppercase()]);
+    let report = kill_qemu(
+        &settings(&client, &kh),
+        Route::Direct(&target("h57", &host)),
+        &vm,
+    )
+    .await
+    .unwrap();
+    // Our child: a zombie until reaped, which counts as gone.
+    assert_killed(&report, &[kvm.pid()]);
+    assert!(!is_live(kvm.pid()));
+    assert!(is_live(bystander.pid()));
+}
+
+#[tokio::test]
+async fn e2e_via_jump_host_kills_over_a_tunnel_and_verifies_both_keys() {
+    let client = ClientKey::generate();
+    let jump = Sshd::start(ip(52), &client);
+    let host = Sshd::start(ip(53), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    let (jump_t, host_t) = (target("h52", &jump), target("h53", &host));
+    let route = Route::Via {
+        jump: &jump_t,
+        target: &host_t,
+    };
+    let vm = random_uuid();
+    let qemu = Qemu::start(&vm);
+
+    // Only the jump host known: the target's key is checked by the target's own address.
+    write_known_hosts(&kh, &[&jump]);
+    let err = kill_qemu(&settings(&client, &kh), route, &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyUnknown { .. }), "{err}");
+    assert_eq!(err.peer().unwrap().host_uuid, "h53", "{err}");
+    // Only the target known: the jump host is refused before anything is tunnelled.
+    write_known_hosts(&kh, &[&host]);
+    let err = kill_qemu(&settings(&client, &kh), route, &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyUnknown { .. }), "{err}");
+    assert_eq!(err.peer().unwrap().host_uuid, "h52", "{err}");
+    // The target's recorded key is wrong.
+    write_known_hosts_with_wrong_key(&kh, &host, &[&jump]);
+    let err = kill_qemu(&settings(&client, &kh), route, &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyChanged { .. }), "{err}");
+    assert_eq!(err.peer().unwrap().addr, host.addr(), "{err}");
+    assert!(
+        is_live(qemu.pid),
+        "qemu died although no session was trusted"
+    );
+
+    write_known_hosts(&kh, &[&jump, &host]);
+    let started = Instant::now();
+    let report = kill_qemu(&settings(&client, &kh), route, &vm)
+        .await
+        .unwrap();
+    eprintln!("via-jump kill round trip: {:?}", started.elapsed());
+    assert_killed(&report, &[qemu.pid]);
+    assert!(!is_live(qemu.pid));
+
+    // The jump host relayed a direct-tcpip channel to the target's sshd...
+    let want = format!("target {} port {}", host.addr().ip(), host.addr().port());
+    let jump_log = jump.log();
+    assert!(
+        jump_log.contains("direct-tcpip") && jump_log.contains(&want),
+        "jump sshd log lacks a direct-tcpip to {want}:\n{jump_log}"
+    );
+    // ...and the target accepted our key over it.
+    let host_log = host.log();
+    assert!(
+        host_log.contains("Accepted publickey for root"),
+        "{host_log}"
+    );
+}
+
+#[tokio::test]
+async fn e2e_already_dead_reports_gone_without_killing() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(54), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host]);
+    let vm = random_uuid();
+    let report = kill_qemu(
+        &settings(&client, &kh),
+        Route::Direct(&target("h54", &host)),
+        &vm,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        report,
+        KillReport {
+            qemu_found: false,
+            pids: vec![],
+            killed: false,
+            gone: true,
+            alive: vec![],
+            unknown: vec![],
+        }
+    );
+
+    // The command's budget bounds it too (here it cannot even open the session channel).
+    let mut s = settings(&client, &kh);
+    s.command_timeout = Duration::from_millis(1);
+    let started = Instant::now();
+    let err = kill_qemu(&s, Route::Direct(&target("h54", &host)), &vm)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SshError::Timeout {
+                stage: Stage::Command,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < CONNECT_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn e2e_unknown_or_changed_host_keys_and_bad_identity_are_refused() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(55), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    let t = target("h55", &host);
+    let vm = random_uuid();
+    let qemu = Qemu::start(&vm);
+
+    write_known_hosts_with_wrong_key(&kh, &host, &[]);
+    let before = std::fs::read(&kh).unwrap();
+    let err = kill_qemu(&settings(&client, &kh), Route::Direct(&t), &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyChanged { .. }), "{err}");
+    assert_eq!(err.label(), "host_key");
+    assert_eq!(err.stage(), Some(Stage::Handshake));
+    let text = err.to_string();
+    assert!(
+        text.contains("h55") && text.contains(&host.addr().to_string()),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&kh).unwrap(),
+        before,
+        "known_hosts was modified"
+    );
+
+    std::fs::write(&kh, "").unwrap();
+    let err = kill_qemu(&settings(&client, &kh), Route::Direct(&t), &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyUnknown { .. }), "{err}");
+    assert_eq!(err.label(), "host_key");
+    assert!(
+        std::fs::read(&kh).unwrap().is_empty(),
+        "known_hosts was written"
+    );
+
+    // A known_hosts entry for the same ip on another port does not vouch for this one.
+    let other_port = SocketAddr::from((ip(55), host.addr().port().wrapping_add(1).max(1)));
+    std::fs::write(
+        &kh,
+        format!(
+            "{} {}\n",
+            sshd::known_hosts_name(other_port),
+            host.host_key()
+        ),
+    )
+    .unwrap();
+    let err = kill_qemu(&settings(&client, &kh), Route::Direct(&t), &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::HostKeyUnknown { .. }), "{err}");
+
+    // A missing known_hosts file is a configuration error, not an empty list.
+    let missing = dir.path().join("no-such-known-hosts");
+    let err = kill_qemu(&settings(&client, &missing), Route::Direct(&t), &vm)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SshError::LocalFile {
+                what: "known_hosts",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!missing.exists());
+
+    // A key the host does not authorise.
+    write_known_hosts(&kh, &[&host]);
+    let stranger = ClientKey::generate();
+    let err = kill_qemu(&settings(&stranger, &kh), Route::Direct(&t), &vm)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::Auth { .. }), "{err}");
+    assert_eq!(err.label(), "auth");
+
+    assert!(is_live(qemu.pid), "qemu must survive every refused attempt");
+    assert!(qemu.is_ours());
+}
+
+#[tokio::test]
+async fn e2e_nothing_listening_fails_fast_and_a_frozen_sshd_times_out() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(56), &client);
+    let jump = Sshd::start(ip(58), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host, &jump]);
+    let vm = random_uuid();
+    let short = Duration::from_secs(2);
+    let mut s = settings(&client, &kh);
+    s.connect_timeout = short;
+
+    // Nothing listens on this port.
+    let closed = SshTarget {
+        host_uuid: "h56-closed".to_owned(),
+        addr: SocketAddr::from((ip(56), sshd::free_port(ip(56)))),
+    };
+    let started = Instant::now();
+    let err = kill_qemu(&s, Route::Direct(&closed), &vm)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, SshError::Connect { .. }), "{err}");
+    assert_eq!(err.label(), "connect");
+    assert!(
+        took < Duration::from_secs(2),
+        "refused connect took {took:?}"
+    );
+
+    // The listener is stopped: TCP completes in the kernel, but no banner ever comes.
+    host.freeze();
+    let t = target("h56", &host);
+    let started = Instant::now();
+    let err = kill_qemu(&s, Route::Direct(&t), &vm).await.unwrap_err();
+    let took = started.elapsed();
+    eprintln!("frozen sshd, direct: {err} after {took:?}");
+    assert!(
+        matches!(
+            err,
+            SshError::Timeout {
+                stage: Stage::Handshake,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.label(), "timeout");
+    assert!(took >= short - Duration::from_millis(50), "{took:?}");
+    assert!(took <= short + TIMEOUT_SLACK, "{took:?}");
+
+    // Through a healthy jump host to the frozen target: bounded by the target hop's budget.
+    let jump_t = target("h58", &jump);
+    let started = Instant::now();
+    let err = kill_qemu(
+        &s,
+        Route::Via {
+            jump: &jump_t,
+            target: &t,
+        },
+        &vm,
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("frozen sshd, via jump: {err} after {took:?}");
+    assert!(
+        matches!(
+            err,
+            SshError::Timeout {
+                stage: Stage::Handshake,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.peer().unwrap().host_uuid, "h56");
+    assert!(took <= short + short + TIMEOUT_SLACK, "{took:?}");
+    host.thaw();
+}
+
+#[test]
+fn hostile_uuids_cannot_be_constructed() {
+    for hostile in [
+        "$(reboot)",
+        "`reboot`",
+        "; reboot",
+        "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b; reboot",
+        "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5'",
+        "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f 4a5",
+        "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f\n4a5",
+        "0b6e1f2a3c4d4e5f8a9b0c1d2e3f4a5$",
+        "",
+    ] {
+        assert!(hostile.parse::<VmUuid>().is_err(), "accepted {hostile:?}");
+    }
+    let vm: VmUuid = "0B6E1F2A3C4D4E5F8A9B0C1D2E3F4A5B".parse().unwrap();
+    let cmd = rbdfence::fence::ssh::kill_command(&vm);
+    assert!(cmd.contains("u=0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\n"));
+}
