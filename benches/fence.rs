@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use common::sshd::{ClientKey, Sshd, write_known_hosts};
 use common::vm::Vm;
 use common::{TestImage, cluster};
-use rbdfence::fence::driver::{CephLink, Engine, FenceRequest, FenceSettings, SshKiller};
+use rbdfence::fence::driver::{Engine, FenceRequest, FenceSettings, SshKiller};
 use rbdfence::fence::inventory::{Host, Inventory};
 use rbdfence::fence::ledger::Ledger;
+use rbdfence::fence::link::CephLink;
 use rbdfence::fence::ssh::SshSettings;
-use rbdfence::rbd::Ceph;
 
 const N: usize = 25;
 
@@ -61,13 +61,18 @@ fn main() {
         storage_addrs: vec![ip.parse().unwrap()],
         ssh,
     };
-    let ceph = rt
-        .block_on(Ceph::connect(common::connect_options("rbdfence", 10)))
-        .unwrap();
-    let own_addrs = rt.block_on(ceph.client_addrs()).unwrap();
-    let engine = Engine {
-        ceph: CephLink::Up(ceph),
-        killer: SshKiller {
+    let link = rt.block_on(CephLink::connect(
+        common::connect_options("rbdfence", 10),
+        None,
+        None,
+    ));
+    assert!(
+        link.is_healthy(),
+        "cannot connect to the test cluster as client.rbdfence"
+    );
+    let engine = Engine::new(
+        link,
+        SshKiller {
             settings: SshSettings {
                 user: "root".into(),
                 identity: key.identity().to_path_buf(),
@@ -75,23 +80,22 @@ fn main() {
                 connect_timeout: Duration::from_secs(5),
                 command_timeout: Duration::from_secs(10),
             },
+            observer: None,
         },
-        inventory: Inventory::new(vec![
+        Inventory::new(vec![
             host("h1", "127.0.0.81", failed.addr()),
             host("h2", "127.0.0.82", "127.0.0.82:1".parse().unwrap()),
             host("h3", "127.0.0.83", sibling.addr()),
         ]),
-        settings: FenceSettings {
+        FenceSettings {
             blocklist_expire: Duration::from_secs(600),
             deadline: Duration::from_secs(30),
             evidence_timeout: Duration::from_secs(10),
             blocklist_timeout: Duration::from_secs(10),
             ssh_timeout: Duration::from_secs(15),
         },
-        ledger: Ledger::in_memory(),
-        own_addrs,
-        observer: None,
-    };
+        Ledger::in_memory(),
+    );
     let img = TestImage::create("bench-fence");
     let stages = ["evidence", "blocklist", "osdmap", "ssh"];
     let mut total = Vec::new();

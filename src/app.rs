@@ -1,11 +1,16 @@
 //! Wiring: configuration → the fence engine with its real ports.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::fence::driver::{CephLink, Engine, FenceSettings, SshKiller};
+use crate::fence::driver::{Engine, FenceSettings, SessionObserver, SshKiller};
 use crate::fence::ledger::{Ledger, LedgerError};
+use crate::fence::link::CephLink;
 use crate::fence::ssh::SshSettings;
+
+/// The engine as the CLI and the service run it.
+pub type RealEngine = Engine<Arc<CephLink>, SshKiller>;
 
 pub fn ssh_settings(cfg: &Config) -> SshSettings {
     SshSettings {
@@ -17,34 +22,25 @@ pub fn ssh_settings(cfg: &Config) -> SshSettings {
     }
 }
 
-/// Connects to Ceph (a failed connection is kept as `CephLink::Down`: fences then deny with
-/// `ceph-unavailable`), opens the ledger and builds the engine.
-pub async fn engine(cfg: &Config) -> Result<Engine<CephLink, SshKiller>, LedgerError> {
+/// Opens the ledger and builds the engine on `link`. A link that is not connected is fine:
+/// fences then deny with `ceph-unavailable`.
+pub fn engine(
+    cfg: &Config,
+    link: Arc<CephLink>,
+    ssh_observer: Option<SessionObserver>,
+) -> Result<RealEngine, LedgerError> {
     let ledger = match &cfg.fence.ledger {
         Some(path) => Ledger::open(path.clone())?,
         None => Ledger::in_memory(),
     };
-    let mut ceph = CephLink::connect(cfg.connect_options()).await;
-    // Without our own addresses the self-fence guard cannot work: treat it as no connection.
-    let own_addrs = match ceph.own_addrs().await {
-        Ok(a) => a,
-        Err(e) => {
-            ceph = CephLink::Down(e);
-            Vec::new()
-        }
-    };
-    if let CephLink::Down(e) = &ceph {
-        tracing::error!(error = %e, "not connected to Ceph: every fence will deny (ceph-unavailable)");
-    }
-    Ok(Engine {
-        ceph,
-        killer: SshKiller {
+    Ok(Engine::new(
+        link,
+        SshKiller {
             settings: ssh_settings(cfg),
+            observer: ssh_observer,
         },
-        inventory: cfg.inventory().unwrap_or_default(),
-        settings: FenceSettings::from_config(&cfg.fence),
+        cfg.inventory().unwrap_or_default(),
+        FenceSettings::from_config(&cfg.fence),
         ledger,
-        own_addrs,
-        observer: None,
-    })
+    ))
 }

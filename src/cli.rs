@@ -63,6 +63,15 @@ pub enum Command {
     /// The OSD blocklist.
     #[command(subcommand)]
     Blocklist(BlocklistCommand),
+    /// Run the service: HTTP API, metrics, one persistent Ceph connection.
+    Serve {
+        /// The service's TOML config.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log as JSON lines (default: human-readable). Also RBDFENCE_LOG_FORMAT=json.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Run the fence engine once: may this VM start on the target host? Prints the decision
     /// (the pre-instantiate reply). Exit 0 on approve, 1 on deny, 2 on bad input.
     Fence(FenceArgs),
@@ -143,7 +152,10 @@ fn parse_entry(s: &str) -> Result<BlocklistEntry, String> {
 /// Runs the CLI and maps its result to the exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let json_logs = matches!(cli.command, Command::Serve { log_json: true, .. })
+        || std::env::var("RBDFENCE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    init_tracing(if serving { "info" } else { "warn" }, json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,6 +168,22 @@ pub fn main() -> ExitCode {
     };
     if let Command::Fence(args) = cli.command {
         return runtime.block_on(fence(args));
+    }
+    if let Command::Serve { config, .. } = &cli.command {
+        let cfg = match Config::load(config) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("rbdfence: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        return match runtime.block_on(crate::serve::run(cfg)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rbdfence: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,7 +202,8 @@ async fn fence(args: FenceArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let engine = match crate::app::engine(&cfg).await {
+    let link = crate::fence::link::CephLink::connect(cfg.connect_options(), None, None).await;
+    let engine = match crate::app::engine(&cfg, link, None) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("rbdfence: {e}");
@@ -210,13 +239,17 @@ async fn fence(args: FenceArgs) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RBDFENCE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 impl Global {
@@ -270,7 +303,7 @@ async fn run(cli: Cli) -> Result<(), CephError> {
             ceph.blocklist_rm(entry).await?;
             println!("un-blocklisted {entry}");
         }
-        Command::Fence(_) => unreachable!("handled before connecting"),
+        Command::Fence(_) | Command::Serve { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
 }

@@ -56,6 +56,9 @@ pub struct CephSection {
     /// `client_mount_timeout`.
     #[serde(default = "d10")]
     pub connect_timeout_secs: u64,
+    /// How often the service checks its Ceph connection (readiness, reconnection).
+    #[serde(default = "d5")]
+    pub health_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,6 +207,7 @@ impl Config {
         let secs = [
             ("ceph.op_timeout_secs", self.ceph.op_timeout_secs),
             ("ceph.connect_timeout_secs", self.ceph.connect_timeout_secs),
+            ("ceph.health_interval_secs", self.ceph.health_interval_secs),
             ("api.request_timeout_secs", self.api.request_timeout_secs),
             ("fence.deadline_secs", self.fence.deadline_secs),
             (

@@ -3,8 +3,12 @@
 //! `rbd` is the native librados/librbd layer (the only module with `unsafe`); `cli` is the
 //! command line.
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod fence;
+pub mod metrics;
 pub mod rbd;
+pub mod serve;
+pub mod service;

@@ -31,6 +31,9 @@ struct FakeCeph {
 }
 
 impl CephPort for FakeCeph {
+    fn own_addrs(&self) -> Vec<rbdfence::rbd::EntityAddr> {
+        vec!["127.0.0.1:0/5".parse().unwrap()]
+    }
     async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
         self.log.lock().unwrap().push(format!("status {spec}"));
         if self.hang_status {
@@ -58,6 +61,8 @@ impl CephPort for FakeCeph {
         _expire: Duration,
     ) -> Result<(), CephError> {
         self.log.lock().unwrap().push(format!("add {entry}"));
+        // A monitor commit takes time; overlapping fences must share it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
         if self.fail_add {
             return Err(CephError::new(
                 Op::BlocklistAdd,
@@ -108,10 +113,13 @@ fn route_name(route: &Route<'_>) -> String {
 }
 
 impl KillPort for FakeKiller {
-    async fn kill(&self, route: Route<'_>, _vm: &VmUuid) -> Result<KillReport, SshError> {
+    async fn kill(&self, route: Route<'_>, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
         let name = route_name(&route);
-        self.log.lock().unwrap().push(format!("kill {name}"));
-        (self.answer)(&name)
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("kill {name} x{}", vms.len()));
+        vms.iter().map(|_| (self.answer)(&name)).collect()
     }
 }
 
@@ -185,22 +193,20 @@ fn setup(
         .lock()
         .unwrap()
         .push(("rbd/root".into(), status));
-    let engine = Engine {
-        killer: FakeKiller {
+    let engine = Engine::new(
+        ceph,
+        FakeKiller {
             log: log.clone(),
             answer: Arc::new(answer),
         },
-        ceph,
-        inventory: Inventory::new(vec![
+        Inventory::new(vec![
             host("h1", "127.0.0.2"),
             host("h2", "127.0.0.3"),
             host("h3", "127.0.0.4"),
         ]),
-        settings: settings(),
-        ledger: Ledger::in_memory(),
-        own_addrs: vec!["127.0.0.1:0/5".parse().unwrap()],
-        observer: None,
-    };
+        settings(),
+        Ledger::in_memory(),
+    );
     Setup { log, engine }
 }
 
@@ -236,7 +242,7 @@ async fn fences_storage_first_then_kills_through_a_bystander_sibling() {
             && log.contains(&"add 127.0.0.2:0/99".to_string())
     );
     // h3 is a bystander sibling; h2 (the HA target) would only be used after it.
-    assert_eq!(log[first_kill], "kill via h3 to h1");
+    assert_eq!(log[first_kill], "kill via h3 to h1 x1");
     let kill = r.reply.evidence.kill.clone().unwrap();
     assert_eq!(
         (kill.executor.as_deref(), kill.role),
@@ -265,7 +271,11 @@ async fn an_unusable_sibling_is_skipped_then_the_target_then_direct() {
         .collect();
     assert_eq!(
         kills,
-        vec!["kill via h3 to h1", "kill via h2 to h1", "kill direct h1"]
+        vec![
+            "kill via h3 to h1 x1",
+            "kill via h2 to h1 x1",
+            "kill direct h1 x1"
+        ]
     );
     assert_eq!(r.reply.evidence.kill.unwrap().role, ExecutorRole::Direct);
 }
@@ -283,7 +293,7 @@ async fn the_failed_host_unreachable_from_a_working_sibling_ends_the_search() {
         .into_iter()
         .filter(|c| c.starts_with("kill"))
         .collect();
-    assert_eq!(kills, vec!["kill via h3 to h1"]);
+    assert_eq!(kills, vec!["kill via h3 to h1 x1"]);
     assert!(!r.reply.evidence.kill.unwrap().ssh_reachable);
 }
 
@@ -470,5 +480,52 @@ async fn an_unwritable_ledger_turns_an_approval_into_a_deny() {
     assert_eq!(
         (r.reply.decision.as_str(), r.reply.reason.as_str()),
         ("deny", "ledger-failed")
+    );
+}
+
+#[tokio::test]
+async fn many_vms_of_one_host_share_one_storage_fence_and_one_ssh_session() {
+    let s = setup(FakeCeph::default(), |_| killed());
+    let mut reqs = Vec::new();
+    for i in 0..20u32 {
+        let image = format!("rbd/vm{i}");
+        let addr = format!("127.0.0.2:0/{}", 1000 + i);
+        s.engine.ceph.status.lock().unwrap().push((
+            image.clone(),
+            ImageStatus {
+                watchers: vec![Watcher {
+                    address: addr.clone(),
+                    client: 1,
+                    cookie: 2,
+                }],
+                lock_owners: vec![LockOwner {
+                    mode: LockMode::Exclusive,
+                    address: addr,
+                }],
+            },
+        ));
+        reqs.push(FenceRequest {
+            request_id: None,
+            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", i)
+                .parse()
+                .unwrap(),
+            failed_host: "h1".into(),
+            target_host: "h2".into(),
+            volumes: vec![image.parse().unwrap()],
+            dry_run: false,
+        });
+    }
+    let records = futures::future::join_all(reqs.iter().map(|r| s.engine.fence(r))).await;
+    for r in &records {
+        assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
+    }
+    let log = calls(&s.log);
+    let whole_ip_adds = log.iter().filter(|c| *c == "add 127.0.0.2:0/0").count();
+    assert_eq!(whole_ip_adds, 1, "one storage fence for the host: {log:?}");
+    let kills: Vec<&String> = log.iter().filter(|c| c.starts_with("kill")).collect();
+    assert_eq!(
+        kills,
+        vec!["kill via h3 to h1 x20"],
+        "one SSH session for all 20 VMs"
     );
 }

@@ -2,7 +2,7 @@
 //! decoy processes that must survive. Every test uses its own loopback address, temp dirs and
 //! uuids, and ends every process it starts (guards' `Drop`), even when it fails.
 //!
-//! Loopback addresses used: 127.0.0.51 – 127.0.0.58.
+//! Loopback addresses used: 127.0.0.51 – 127.0.0.60.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/sshd.rs"]
@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rbdfence::fence::ssh::{KillReport, Route, SshError, SshSettings, SshTarget, Stage, kill_qemu};
+use rbdfence::fence::ssh::{
+    KillReport, MAX_KILL_BATCH, Route, SshError, SshSettings, SshTarget, Stage, kill_qemu,
+    kill_qemus,
+};
 use rbdfence::fence::vm::VmUuid;
 use sshd::{ClientKey, Sshd, send_signal, write_known_hosts, write_known_hosts_with_wrong_key};
 
@@ -571,5 +574,140 @@ fn hostile_uuids_cannot_be_constructed() {
     }
     let vm: VmUuid = "0B6E1F2A3C4D4E5F8A9B0C1D2E3F4A5B".parse().unwrap();
     let cmd = rbdfence::fence::ssh::kill_command(&vm);
-    assert!(cmd.contains("u=0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\n"));
+    assert!(cmd.contains("U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\"\n"));
+    let other: VmUuid = "0b6e1f2a3c4d4e5f8a9b0c1d2e3f4a5c".parse().unwrap();
+    let cmd = rbdfence::fence::ssh::kill_batch_command(&[vm, other]);
+    assert!(cmd.contains(
+        "U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b 0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5c\"\n"
+    ));
+}
+
+/// How many sessions `sshd` accepted so far (one `Accepted publickey` line per login).
+fn accepted_sessions(sshd: &Sshd) -> usize {
+    sshd.log().matches("Accepted publickey for root").count()
+}
+
+#[tokio::test]
+async fn e2e_one_session_kills_the_qemus_of_several_vms_and_spares_the_rest() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(59), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host]);
+    let t = target("h59", &host);
+    let s = settings(&client, &kh);
+
+    let (a, b, c, spared_vm) = (random_uuid(), random_uuid(), random_uuid(), random_uuid());
+    let qa = Qemu::start(&a);
+    let qb = Qemu::start(&b);
+    let qc = Qemu::start(&c);
+    let spared = Qemu::start(&spared_vm);
+    // A qemu look-alike of the spared VM that also names a requested uuid under -name.
+    let decoy = Decoy::spawn(
+        "qemu-system-x86_64",
+        &["-uuid", spared_vm.as_str(), "-name", a.as_str()],
+    );
+
+    // Nothing to do: no session at all.
+    assert_eq!(
+        kill_qemus(&s, Route::Direct(&t), &[]).await.unwrap(),
+        vec![]
+    );
+    // Too many: refused before connecting.
+    let too_many: Vec<VmUuid> = (0..=MAX_KILL_BATCH).map(|_| random_uuid()).collect();
+    let err = kill_qemus(&s, Route::Direct(&t), &too_many)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::BatchTooLarge { .. }), "{err}");
+    assert_eq!(accepted_sessions(&host), 0, "{}", host.log());
+
+    // The batch, in an order other than the qemus' start order.
+    let started = Instant::now();
+    let reports = kill_qemus(&s, Route::Direct(&t), &[c.clone(), a.clone(), b.clone()])
+        .await
+        .unwrap();
+    eprintln!("batch of 3 kill round trip: {:?}", started.elapsed());
+    assert_eq!(reports.len(), 3);
+    assert_killed(&reports[0], &[qc.pid]);
+    assert_killed(&reports[1], &[qa.pid]);
+    assert_killed(&reports[2], &[qb.pid]);
+    for q in [&qa, &qb, &qc] {
+        assert!(!is_live(q.pid), "qemu {} of {} survived", q.pid, q.uuid);
+    }
+    assert!(is_live(spared.pid), "the unrequested VM's qemu was killed");
+    assert!(spared.is_ours());
+    assert!(is_live(decoy.pid()), "the decoy was killed");
+    // One login, one command, for all three VMs.
+    let log = host.log();
+    assert_eq!(accepted_sessions(&host), 1, "{log}");
+
+    // Again, with a uuid repeated: it is sent once, reported twice, and all is already gone.
+    let again = kill_qemus(&s, Route::Direct(&t), &[a.clone(), b.clone(), a.clone()])
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 3);
+    assert_eq!(again[0], again[2]);
+    for r in &again {
+        assert!(!r.qemu_found && !r.killed && r.gone, "{r:?}");
+    }
+    assert_eq!(accepted_sessions(&host), 2, "{}", host.log());
+    assert!(is_live(spared.pid));
+}
+
+#[tokio::test]
+async fn e2e_batch_with_an_absent_vm_reports_it_gone_and_kills_the_others() {
+    let client = ClientKey::generate();
+    let host = Sshd::start(ip(60), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&host]);
+    let t = target("h60", &host);
+    let s = settings(&client, &kh);
+
+    let (x, absent, y) = (random_uuid(), random_uuid(), random_uuid());
+    let qx = Qemu::start(&x);
+    let qy = Qemu::start(&y);
+    let reports = kill_qemus(&s, Route::Direct(&t), &[x.clone(), absent, y.clone()])
+        .await
+        .unwrap();
+    assert_eq!(reports.len(), 3);
+    assert_killed(&reports[0], &[qx.pid]);
+    assert_eq!(
+        reports[1],
+        KillReport {
+            qemu_found: false,
+            pids: vec![],
+            killed: false,
+            gone: true,
+            alive: vec![],
+            unknown: vec![],
+        }
+    );
+    assert_killed(&reports[2], &[qy.pid]);
+    assert!(!is_live(qx.pid) && !is_live(qy.pid));
+    assert_eq!(accepted_sessions(&host), 1, "{}", host.log());
+
+    // The cost of a batch: one session for 1, 10 and 50 VMs without a qemu (direct route).
+    let mut sessions = 1;
+    for n in [1usize, 10, 50] {
+        let batch: Vec<VmUuid> = (0..n).map(|_| random_uuid()).collect();
+        let mut took = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let reports = kill_qemus(&s, Route::Direct(&t), &batch).await.unwrap();
+            took.push(started.elapsed());
+            sessions += 1;
+            assert_eq!(reports.len(), n);
+            assert!(
+                reports.iter().all(|r| !r.qemu_found && r.gone),
+                "{reports:?}"
+            );
+        }
+        took.sort_unstable();
+        eprintln!(
+            "batch of {n} absent VMs, one session each: min {:?}, median {:?}, max {:?}",
+            took[0], took[1], took[2]
+        );
+    }
+    assert_eq!(accepted_sessions(&host), sessions, "{}", host.log());
 }

@@ -159,6 +159,8 @@ pub enum DenyReason {
     SelfFence,
     DryRun,
     LedgerFailed,
+    /// The fence itself failed unexpectedly (a bug): never an approval.
+    InternalError,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -202,7 +204,7 @@ impl ApproveReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 10] = [
+    pub const ALL: [DenyReason; 11] = [
         DenyReason::ActiveElsewhere,
         DenyReason::BlocklistFailed,
         DenyReason::KillUnconfirmed,
@@ -213,6 +215,7 @@ impl DenyReason {
         DenyReason::SelfFence,
         DenyReason::DryRun,
         DenyReason::LedgerFailed,
+        DenyReason::InternalError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -227,6 +230,7 @@ impl DenyReason {
             DenyReason::SelfFence => "self-fence",
             DenyReason::DryRun => "dry-run",
             DenyReason::LedgerFailed => "ledger-failed",
+            DenyReason::InternalError => "internal-error",
         }
     }
 }

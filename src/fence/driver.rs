@@ -21,11 +21,12 @@
 //! blocklist → the blocklist is failed (deny unless the kill is confirmed); SSH errors → the
 //! kill is `Unreachable` (approve only with a confirmed blocklist).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
+use futures::future::{BoxFuture, FutureExt, Shared, join_all};
 
 use super::decision::{
     BlocklistConfirmed, Context, Decision, DenyReason, EvidenceFailure, ExecutorRole,
@@ -38,9 +39,7 @@ use super::record::{
 };
 use super::ssh::{KillReport, Route, SshError, SshSettings, SshTarget};
 use super::vm::VmUuid;
-use crate::rbd::{
-    BlocklistEntry, BlocklistItem, Ceph, CephError, EntityAddr, ImageSpec, ImageStatus,
-};
+use crate::rbd::{BlocklistEntry, BlocklistItem, CephError, EntityAddr, ImageSpec, ImageStatus};
 
 /// The fence's stages, as timed and labelled in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -64,8 +63,11 @@ impl Stage {
     }
 }
 
-/// What the fence needs from Ceph.
-pub trait CephPort: Send + Sync {
+/// What the fence needs from Ceph. Cheap to clone (a handle): a storage fence shared by
+/// several requests runs as its own task-independent future.
+pub trait CephPort: Clone + Send + Sync + 'static {
+    /// This service's own Ceph client addresses: never to be fenced.
+    fn own_addrs(&self) -> Vec<EntityAddr>;
     fn image_status(
         &self,
         spec: &ImageSpec,
@@ -80,45 +82,33 @@ pub trait CephPort: Send + Sync {
     fn osdmap_epoch(&self) -> impl Future<Output = Result<u64, CephError>> + Send;
 }
 
-impl CephPort for Ceph {
-    async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        Ceph::image_status(self, spec).await
-    }
-    async fn blocklist_add(
-        &self,
-        entry: BlocklistEntry,
-        expire: Duration,
-    ) -> Result<(), CephError> {
-        Ceph::blocklist_add(self, entry, Some(expire)).await
-    }
-    async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
-        Ceph::wait_for_latest_osdmap(self).await
-    }
-    async fn blocklist_ls(&self) -> Result<Vec<BlocklistItem>, CephError> {
-        Ceph::blocklist_ls(self).await
-    }
-    async fn osdmap_epoch(&self) -> Result<u64, CephError> {
-        Ceph::osdmap_epoch(self).await
-    }
-}
-
-/// What the fence needs from SSH: run the kill on one route.
-pub trait KillPort: Send + Sync {
+/// What the fence needs from SSH: one session on one route that kills the qemus of `vms`
+/// (all on the route's target host), one report per VM in the same order.
+pub trait KillPort: Clone + Send + Sync + 'static {
     fn kill(
         &self,
         route: Route<'_>,
-        vm: &VmUuid,
-    ) -> impl Future<Output = Result<KillReport, SshError>> + Send;
+        vms: &[VmUuid],
+    ) -> impl Future<Output = Result<Vec<KillReport>, SshError>> + Send;
 }
 
+/// Told of every SSH session's result (metrics hook): `ok` or the error's bounded label.
+pub type SessionObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// The real kill step, over russh.
+#[derive(Clone)]
 pub struct SshKiller {
     pub settings: SshSettings,
+    pub observer: Option<SessionObserver>,
 }
 
 impl KillPort for SshKiller {
-    async fn kill(&self, route: Route<'_>, vm: &VmUuid) -> Result<KillReport, SshError> {
-        super::ssh::kill_qemu(&self.settings, route, vm).await
+    async fn kill(&self, route: Route<'_>, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
+        let r = super::ssh::kill_qemus(&self.settings, route, vms).await;
+        if let Some(obs) = &self.observer {
+            obs(r.as_ref().map(|_| "ok").unwrap_or_else(SshError::label));
+        }
+        r
     }
 }
 
@@ -165,15 +155,58 @@ pub trait FenceObserver: Send + Sync {
     );
 }
 
+/// How long a kill batch stays open for other VMs of the same failed host before its SSH
+/// session starts. Requests for many VMs of one host reach the kill step together (they
+/// share the storage fence), so a short window gathers them into one session.
+pub const KILL_GATHER_WINDOW: Duration = Duration::from_millis(20);
+
+/// The storage fence of one host, shared by every request whose entries it covers.
+type StorageFuture = Shared<BoxFuture<'static, Arc<StorageOutcome>>>;
+/// One SSH session for a batch of VMs of one host.
+type KillFuture = Shared<BoxFuture<'static, Arc<BatchOutcome>>>;
+
+struct StorageOutcome {
+    result: Result<u64, String>,
+    add: Duration,
+    confirm: Duration,
+}
+
+struct KillBatch {
+    /// `Some` while the batch is open for joining; taken when its session starts.
+    vms: Arc<Mutex<Option<Vec<VmUuid>>>>,
+    fut: KillFuture,
+}
+
+enum BatchOutcome {
+    /// A verified session ran the kill command: one report per VM of the batch.
+    Reports {
+        executor: Option<String>,
+        role: ExecutorRole,
+        notes: Vec<String>,
+        reports: HashMap<VmUuid, KillReport>,
+    },
+    /// No verified session to the failed host.
+    Unreachable {
+        executor: Option<String>,
+        role: ExecutorRole,
+        detail: String,
+    },
+}
+
+#[derive(Default)]
+struct HostState {
+    storage: Option<(Vec<BlocklistEntry>, StorageFuture)>,
+    kill: Option<KillBatch>,
+}
+
 pub struct Engine<C, K> {
     pub ceph: C,
     pub killer: K,
     pub inventory: Inventory,
     pub settings: FenceSettings,
     pub ledger: Ledger,
-    /// This service's own Ceph client addresses: never fenced.
-    pub own_addrs: Vec<EntityAddr>,
-    pub observer: Option<std::sync::Arc<dyn FenceObserver>>,
+    pub observer: Option<Arc<dyn FenceObserver>>,
+    hosts: Mutex<HashMap<String, HostState>>,
 }
 
 /// Runs `fut` with at most `limit`, and never past `deadline`.
@@ -203,6 +236,33 @@ fn now_rfc3339() -> String {
 }
 
 impl<C: CephPort, K: KillPort> Engine<C, K> {
+    pub fn new(
+        ceph: C,
+        killer: K,
+        inventory: Inventory,
+        settings: FenceSettings,
+        ledger: Ledger,
+    ) -> Self {
+        Engine {
+            ceph,
+            killer,
+            inventory,
+            settings,
+            ledger,
+            observer: None,
+            hosts: Mutex::default(),
+        }
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn FenceObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostState>> {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs one fence to its decision, records it, and returns the record (whose `reply` is
     /// the answer to send).
     pub async fn fence(&self, req: &FenceRequest) -> FenceRecord {
@@ -210,11 +270,12 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let started_at = now_rfc3339();
         let deadline = started + self.settings.deadline;
         let failed = self.inventory.get(&req.failed_host);
+        let own_addrs = self.ceph.own_addrs();
         let ctx = Context {
             failed,
             target_known: self.inventory.get(&req.target_host).is_some()
                 && req.target_host != req.failed_host,
-            own_addrs: &self.own_addrs,
+            own_addrs: &own_addrs,
             dry_run: req.dry_run,
         };
         let mut obs = Observed::default();
@@ -231,7 +292,9 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                 }
                 Step::Blocklist(entries) => {
                     planned = entries.clone();
-                    obs.blocklist = Some(self.blocklist(entries, deadline, &mut stages).await);
+                    let host = req.failed_host.clone();
+                    obs.blocklist =
+                        Some(self.blocklist(host, entries, deadline, &mut stages).await);
                 }
                 Step::Kill => {
                     let t = Instant::now();
@@ -330,75 +393,69 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         }
     }
 
-    /// Adds every entry, waits for the latest osdmap, confirms the entries are listed, and
-    /// reads the epoch. Any failure is the blocklist's failure.
+    /// The storage fence for `entries` (all of one failed host): joins the host's fence in
+    /// flight when that covers every entry (many VMs of one host share one), else runs one
+    /// after it. The shared fence runs as its own future, so a waiter that gives up (its
+    /// deadline) does not cancel it for the others.
     async fn blocklist(
         &self,
+        host: String,
         entries: Vec<BlocklistEntry>,
         deadline: Instant,
         stages: &mut BTreeMap<Stage, Duration>,
     ) -> Result<BlocklistConfirmed, String> {
-        let stage_deadline = deadline.min(Instant::now() + self.settings.blocklist_timeout);
-        let limit = self.settings.blocklist_timeout;
-        let t = Instant::now();
-        // Concurrent adds land in the same monitor proposal more often than sequential ones.
-        let adds = join_all(entries.iter().map(|e| async move {
-            match bounded(
-                limit,
-                stage_deadline,
-                self.ceph.blocklist_add(*e, self.settings.blocklist_expire),
-            )
-            .await
+        let fut = {
+            let mut hosts = self.hosts();
+            let st = hosts.entry(host.clone()).or_default();
+            match &st.storage {
+                Some((covered, fut))
+                    if entries.iter().all(|e| covered.iter().any(|c| c.covers(e))) =>
+                {
+                    fut.clone()
+                }
+                other => {
+                    let before = other.as_ref().map(|(_, f)| f.clone());
+                    let fut =
+                        storage_fence(self.ceph.clone(), entries.clone(), self.settings, before)
+                            .boxed()
+                            .shared();
+                    st.storage = Some((entries.clone(), fut.clone()));
+                    fut
+                }
+            }
+        };
+        let waited = Instant::now();
+        let outcome = bounded(self.settings.blocklist_timeout, deadline, fut.clone()).await;
+        {
+            let mut hosts = self.hosts();
+            if let Some(st) = hosts.get_mut(&host)
+                && st.storage.as_ref().is_some_and(|(_, f)| f.ptr_eq(&fut))
+                && fut.peek().is_some()
             {
-                Some(r) => r.map_err(|err| err.to_string()),
-                None => Err(format!(
-                    "blocklist add {e}: no answer within the blocklist timeout"
-                )),
+                st.storage = None;
             }
-        }))
-        .await;
-        stages.insert(Stage::Blocklist, t.elapsed());
-        if let Some(err) = adds.into_iter().find_map(Result::err) {
-            return Err(err);
         }
-        let t = Instant::now();
-        let confirmed = async {
-            self.ceph
-                .wait_for_latest_osdmap()
-                .await
-                .map_err(|e| e.to_string())?;
-            let listed = self.ceph.blocklist_ls().await.map_err(|e| e.to_string())?;
-            let missing: Vec<String> = entries
-                .iter()
-                .map(ToString::to_string)
-                .filter(|e| !listed.iter().any(|i| &i.entry == e))
-                .collect();
-            if !missing.is_empty() {
-                return Err(format!(
-                    "added but not in the osdmap's blocklist: {}",
-                    missing.join(", ")
-                ));
+        match outcome {
+            Some(o) => {
+                stages.insert(Stage::Blocklist, o.add);
+                stages.insert(Stage::Osdmap, o.confirm);
+                o.result.clone().map(|epoch| BlocklistConfirmed {
+                    entries,
+                    osdmap_epoch: epoch,
+                })
             }
-            let epoch = self.ceph.osdmap_epoch().await.map_err(|e| e.to_string())?;
-            Ok(BlocklistConfirmed {
-                entries: entries.clone(),
-                osdmap_epoch: epoch,
-            })
-        };
-        let r = match bounded(limit, stage_deadline, confirmed).await {
-            Some(r) => r,
-            None => Err(
-                "the osdmap carrying the blocklist was not confirmed within the blocklist timeout"
-                    .into(),
-            ),
-        };
-        stages.insert(Stage::Osdmap, t.elapsed());
-        r
+            None => {
+                stages.insert(Stage::Blocklist, waited.elapsed());
+                Err(
+                    "the blocklist was not confirmed in the osdmap within the blocklist timeout"
+                        .into(),
+                )
+            }
+        }
     }
 
-    /// Tries each sibling of the failed host as a jump host (the HA target last), then a
-    /// direct session. A sibling that cannot be used itself is skipped; an answer about the
-    /// failed host (including "unreachable from a working sibling") ends the search.
+    /// Kills `vm`'s qemu on `failed`: joins the host's open kill batch (one SSH session for
+    /// many VMs) or opens one. See [`kill_batch`] for the route.
     async fn kill(
         &self,
         failed: &Host,
@@ -406,71 +463,70 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         vm: &VmUuid,
         deadline: Instant,
     ) -> KillObservation {
-        let failed_t = SshTarget {
-            host_uuid: failed.uuid.clone(),
-            addr: failed.ssh,
-        };
-        let attempt = async {
-            let mut notes = Vec::new();
-            for jump in self.inventory.kill_executors(failed, Some(target)) {
-                let jump_t = SshTarget {
-                    host_uuid: jump.uuid.clone(),
-                    addr: jump.ssh,
-                };
-                let role = if jump.uuid == target {
-                    ExecutorRole::Target
-                } else {
-                    ExecutorRole::Sibling
-                };
-                match self
-                    .killer
-                    .kill(
-                        Route::Via {
-                            jump: &jump_t,
-                            target: &failed_t,
-                        },
-                        vm,
+        let fut = {
+            let mut hosts = self.hosts();
+            let st = hosts.entry(failed.uuid.clone()).or_default();
+            let joined = st.kill.as_ref().and_then(|b| {
+                let mut open = b.vms.lock().unwrap_or_else(|p| p.into_inner());
+                open.as_mut()
+                    .filter(|list| list.len() < super::ssh::MAX_KILL_BATCH)
+                    .map(|list| {
+                        list.push(vm.clone());
+                        b.fut.clone()
+                    })
+            });
+            match joined {
+                Some(f) => f,
+                None => {
+                    let vms = Arc::new(Mutex::new(Some(vec![vm.clone()])));
+                    let executors: Vec<Host> = self
+                        .inventory
+                        .kill_executors(failed, Some(target))
+                        .into_iter()
+                        .cloned()
+                        .collect();
+                    let fut = kill_batch(
+                        self.killer.clone(),
+                        failed.clone(),
+                        executors,
+                        target.to_string(),
+                        vms.clone(),
                     )
-                    .await
-                {
-                    Ok(report) => return observe(report, Some(jump.uuid.clone()), role, notes),
-                    Err(e)
-                        if e.peer().is_some_and(|p| p.host_uuid == jump.uuid)
-                            || e.peer().is_none() =>
-                    {
-                        notes.push(format!("via {}: {e}", jump.uuid));
-                    }
-                    Err(e) => {
-                        notes.push(e.to_string());
-                        return KillObservation {
-                            result: KillResult::Unreachable,
-                            executor: Some(jump.uuid.clone()),
-                            role,
-                            qemu_found: false,
-                            killed: false,
-                            detail: notes.join("; "),
-                        };
-                    }
-                }
-            }
-            match self.killer.kill(Route::Direct(&failed_t), vm).await {
-                Ok(report) => observe(report, None, ExecutorRole::Direct, notes),
-                Err(e) => {
-                    notes.push(format!("direct: {e}"));
-                    KillObservation {
-                        result: KillResult::Unreachable,
-                        executor: None,
-                        role: ExecutorRole::Direct,
-                        qemu_found: false,
-                        killed: false,
-                        detail: notes.join("; "),
-                    }
+                    .boxed()
+                    .shared();
+                    st.kill = Some(KillBatch {
+                        vms,
+                        fut: fut.clone(),
+                    });
+                    fut
                 }
             }
         };
-        match bounded(self.settings.ssh_timeout, deadline, attempt).await {
-            Some(k) => k,
+        match bounded(self.settings.ssh_timeout, deadline, fut).await {
             None => unreachable_kill("no verified SSH answer within the ssh timeout"),
+            Some(outcome) => match outcome.as_ref() {
+                BatchOutcome::Unreachable {
+                    executor,
+                    role,
+                    detail,
+                } => KillObservation {
+                    result: KillResult::Unreachable,
+                    executor: executor.clone(),
+                    role: role.to_owned(),
+                    qemu_found: false,
+                    killed: false,
+                    detail: detail.clone(),
+                },
+                BatchOutcome::Reports {
+                    executor,
+                    role,
+                    notes,
+                    reports,
+                } => match reports.get(vm) {
+                    Some(r) => observe(r.clone(), executor.clone(), role.to_owned(), notes.clone()),
+                    None => unreachable_kill("the kill session reported nothing for this VM"),
+                },
+            },
         }
     }
 
@@ -532,6 +588,157 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
     }
 }
 
+/// Adds every entry (concurrently: they often land in one monitor proposal), waits for the
+/// latest osdmap, confirms every entry is listed and reads the epoch. Waits first for the
+/// host's previous storage fence, if one is still running.
+async fn storage_fence<C: CephPort>(
+    ceph: C,
+    entries: Vec<BlocklistEntry>,
+    settings: FenceSettings,
+    before: Option<StorageFuture>,
+) -> Arc<StorageOutcome> {
+    if let Some(b) = before {
+        let _ = b.await;
+    }
+    let limit = settings.blocklist_timeout;
+    let t = Instant::now();
+    let adds = join_all(entries.iter().map(|e| {
+        let ceph = ceph.clone();
+        async move {
+            match tokio::time::timeout(limit, ceph.blocklist_add(*e, settings.blocklist_expire))
+                .await
+            {
+                Ok(r) => r.map_err(|err| err.to_string()),
+                Err(_) => Err(format!(
+                    "blocklist add {e}: no answer within the blocklist timeout"
+                )),
+            }
+        }
+    }))
+    .await;
+    let add = t.elapsed();
+    if let Some(err) = adds.into_iter().find_map(Result::err) {
+        return Arc::new(StorageOutcome {
+            result: Err(err),
+            add,
+            confirm: Duration::ZERO,
+        });
+    }
+    let t = Instant::now();
+    let confirmed = async {
+        ceph.wait_for_latest_osdmap()
+            .await
+            .map_err(|e| e.to_string())?;
+        let listed = ceph.blocklist_ls().await.map_err(|e| e.to_string())?;
+        let missing: Vec<String> = entries
+            .iter()
+            .map(ToString::to_string)
+            .filter(|e| !listed.iter().any(|i| &i.entry == e))
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "added but not in the osdmap's blocklist: {}",
+                missing.join(", ")
+            ));
+        }
+        ceph.osdmap_epoch().await.map_err(|e| e.to_string())
+    };
+    let result = match tokio::time::timeout(limit, confirmed).await {
+        Ok(r) => r,
+        Err(_) => Err(
+            "the osdmap carrying the blocklist was not confirmed within the blocklist timeout"
+                .into(),
+        ),
+    };
+    Arc::new(StorageOutcome {
+        result,
+        add,
+        confirm: t.elapsed(),
+    })
+}
+
+/// One SSH session for every VM that joins within [`KILL_GATHER_WINDOW`]: tries each sibling
+/// of the failed host as a jump host (the HA target last), then a direct session. A sibling
+/// that cannot be used itself is skipped; an answer about the failed host (including
+/// "unreachable from a working sibling") ends the search.
+async fn kill_batch<K: KillPort>(
+    killer: K,
+    failed: Host,
+    executors: Vec<Host>,
+    target: String,
+    vms: Arc<Mutex<Option<Vec<VmUuid>>>>,
+) -> Arc<BatchOutcome> {
+    tokio::time::sleep(KILL_GATHER_WINDOW).await;
+    let vms = vms
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    let failed_t = SshTarget {
+        host_uuid: failed.uuid.clone(),
+        addr: failed.ssh,
+    };
+    let reports = |list: Vec<KillReport>| vms.iter().cloned().zip(list).collect::<HashMap<_, _>>();
+    let mut notes = Vec::new();
+    for jump in &executors {
+        let jump_t = SshTarget {
+            host_uuid: jump.uuid.clone(),
+            addr: jump.ssh,
+        };
+        let role = if jump.uuid == target {
+            ExecutorRole::Target
+        } else {
+            ExecutorRole::Sibling
+        };
+        match killer
+            .kill(
+                Route::Via {
+                    jump: &jump_t,
+                    target: &failed_t,
+                },
+                &vms,
+            )
+            .await
+        {
+            Ok(list) => {
+                return Arc::new(BatchOutcome::Reports {
+                    executor: Some(jump.uuid.clone()),
+                    role,
+                    notes,
+                    reports: reports(list),
+                });
+            }
+            Err(e) if e.peer().is_none_or(|p| p.host_uuid == jump.uuid) => {
+                notes.push(format!("via {}: {e}", jump.uuid));
+            }
+            Err(e) => {
+                notes.push(e.to_string());
+                return Arc::new(BatchOutcome::Unreachable {
+                    executor: Some(jump.uuid.clone()),
+                    role,
+                    detail: notes.join("; "),
+                });
+            }
+        }
+    }
+    match killer.kill(Route::Direct(&failed_t), &vms).await {
+        Ok(list) => Arc::new(BatchOutcome::Reports {
+            executor: None,
+            role: ExecutorRole::Direct,
+            notes,
+            reports: reports(list),
+        }),
+        Err(e) => {
+            notes.push(format!("direct: {e}"));
+            Arc::new(BatchOutcome::Unreachable {
+                executor: None,
+                role: ExecutorRole::Direct,
+                detail: notes.join("; "),
+            })
+        }
+    }
+}
+
 fn unreachable_kill(detail: &str) -> KillObservation {
     KillObservation {
         result: KillResult::Unreachable,
@@ -569,66 +776,5 @@ fn observe(
         qemu_found: report.qemu_found,
         killed: report.killed,
         detail: detail.join("; "),
-    }
-}
-
-/// The Ceph connection as the fence sees it: up, or down with the error that took it down
-/// (every call then fails with that error, so the fence denies with `ceph-unavailable`).
-pub enum CephLink {
-    Up(Ceph),
-    Down(CephError),
-}
-
-impl CephLink {
-    pub async fn connect(opts: crate::rbd::ConnectOptions) -> CephLink {
-        match Ceph::connect(opts).await {
-            Ok(c) => CephLink::Up(c),
-            Err(e) => CephLink::Down(e),
-        }
-    }
-
-    /// Our own client addresses (empty when down: nothing will be fenced then anyway).
-    pub async fn own_addrs(&self) -> Result<Vec<EntityAddr>, CephError> {
-        match self {
-            CephLink::Up(c) => c.client_addrs().await,
-            CephLink::Down(_) => Ok(Vec::new()),
-        }
-    }
-}
-
-impl CephPort for CephLink {
-    async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        match self {
-            CephLink::Up(c) => c.image_status(spec).await,
-            CephLink::Down(e) => Err(e.clone()),
-        }
-    }
-    async fn blocklist_add(
-        &self,
-        entry: BlocklistEntry,
-        expire: Duration,
-    ) -> Result<(), CephError> {
-        match self {
-            CephLink::Up(c) => c.blocklist_add(entry, Some(expire)).await,
-            CephLink::Down(e) => Err(e.clone()),
-        }
-    }
-    async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
-        match self {
-            CephLink::Up(c) => c.wait_for_latest_osdmap().await,
-            CephLink::Down(e) => Err(e.clone()),
-        }
-    }
-    async fn blocklist_ls(&self) -> Result<Vec<BlocklistItem>, CephError> {
-        match self {
-            CephLink::Up(c) => c.blocklist_ls().await,
-            CephLink::Down(e) => Err(e.clone()),
-        }
-    }
-    async fn osdmap_epoch(&self) -> Result<u64, CephError> {
-        match self {
-            CephLink::Up(c) => c.osdmap_epoch().await,
-            CephLink::Down(e) => Err(e.clone()),
-        }
     }
 }

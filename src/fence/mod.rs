@@ -8,6 +8,7 @@ pub mod decision;
 pub mod driver;
 pub mod inventory;
 pub mod ledger;
+pub mod link;
 pub mod record;
 pub mod ssh;
 pub mod vm;

@@ -8,10 +8,14 @@
 //!    a second, independent SSH session over that channel. Each hop verifies the server's host key
 //!    against `known_hosts` (looked up by that hop's own address, `[ip]:port` when the port is not
 //!    22) and authenticates with the identity (publickey only).
-//! 3. Run one command on the target (see [`kill_command`]): it scans `/proc` for qemu processes
-//!    whose argv carries `-uuid <vm uuid>`, SIGKILLs them, polls (every 50 ms, for up to 2 s)
-//!    until every thread of each is gone or a zombie, and prints one report line, which is
-//!    parsed strictly into a [`KillReport`].
+//! 3. Run one command on the target (see [`kill_batch_command`]), for every VM of the batch at
+//!    once: it scans `/proc` once for qemu processes whose argv carries `-uuid <uuid>` for one of
+//!    the requested uuids, SIGKILLs all of them, polls (every 50 ms, for up to 2 s, one window for
+//!    the whole batch) until every thread of each is gone or a zombie, and prints one report line
+//!    per requested uuid, which are parsed strictly into one [`KillReport`] per VM.
+//!
+//! [`kill_qemus`] takes up to [`MAX_KILL_BATCH`] VMs (one connection per hop, one `exec`);
+//! [`kill_qemu`] is the same call for a single VM.
 //!
 //! # Guarantees
 //! - A host key that is not in `known_hosts` ([`SshError::HostKeyUnknown`]), differs from the
@@ -23,12 +27,22 @@
 //!   `connect_timeout` per hop (for `Via`, the target's budget also covers opening the tunnel);
 //!   opening the session channel, the command and reading its output share `command_timeout`.
 //!   A peer that accepts TCP but never speaks ends in [`SshError::Timeout`], never a hang.
-//! - The only caller-supplied text in the remote command is a [`VmUuid`], which admits only hex
-//!   digits and hyphens.
+//! - The only caller-supplied text in the remote command is a list of [`VmUuid`]s, which admit
+//!   only hex digits and hyphens, joined by spaces; the script around them is a constant. A batch
+//!   holds at most [`MAX_KILL_BATCH`] uuids (about 9.5 KiB of command text).
 //! - `gone == true` in a [`KillReport`] means the remote side positively observed that no thread
 //!   of any matching process is alive (absent, or state `Z`/`X` — a zombie cannot issue I/O), and
 //!   that it could read the command line of every process it scanned. Anything short of that is
 //!   `gone == false` or an error; callers must not treat an error as "gone".
+//! - In a batch, each process is attributed to at most one VM. A process that cannot be
+//!   attributed to exactly one — its command line is unreadable, or it is a qemu carrying two
+//!   different requested uuids — is `unknown` in every report of the batch, and while it is alive
+//!   no VM of the batch is `gone`. So batching never makes a VM `gone` where a call for that VM
+//!   alone would not; in the ambiguous case the VMs show `qemu_found == false` with the process in
+//!   `unknown` (killed all the same).
+//! - The output must hold exactly one well-formed line per requested uuid, in any order, and the
+//!   lines must agree with each other (same `unknown` list, no pid under two uuids); anything
+//!   else is [`SshError::BadOutput`] for the whole batch.
 //!
 //! # Assumptions
 //! - The remote sshd runs in the host's PID namespace with `/proc` mounted and the login user can
@@ -46,11 +60,13 @@
 //!
 //! # Failure modes
 //! Each [`SshError`] names the host (uuid and address) and, where it applies, the [`Stage`].
+//! An error concerns the whole batch: nothing is known about any of its VMs.
 //! [`SshError::label`] gives a bounded value for metrics. A timeout drops the connection; any
 //! russh task left reading from a peer that stopped answering is reaped by the session's
 //! inactivity timeout.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,36 +85,52 @@ use super::vm::VmUuid;
 
 /// First word of every line the remote script prints.
 const REPORT_TAG: &str = "rbdfence-kill";
-/// Upper bound on the stdout we accept; a real report is well under 1 KiB.
-const MAX_STDOUT: usize = 16 * 1024;
+/// Most VMs one [`kill_qemus`] call takes. The command carries 37 bytes per uuid (about 9.5 KiB
+/// at the bound, far below any exec-request or argv limit); a caller with more VMs on one host
+/// splits them into batches of at most this many.
+pub const MAX_KILL_BATCH: usize = 256;
+/// Upper bound on the stdout we accept. A report line without pids is under 100 bytes; 1 KiB per
+/// line leaves room for pids, even for a batch at [`MAX_KILL_BATCH`].
+const MAX_STDOUT: usize = MAX_KILL_BATCH * 1024;
 /// How much of stderr or bad output an error keeps.
 const MAX_ECHO: usize = 512;
 /// How long a polite disconnect may take before the connection is simply dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
-/// Placeholder in [`KILL_SCRIPT`] for the (validated) uuid.
-const UUID_SLOT: &str = "@VM_UUID@";
+/// Placeholder in [`KILL_SCRIPT`] for the (validated) uuids, separated by single spaces.
+const UUID_SLOT: &str = "@VM_UUIDS@";
 
 /// The remote kill script. POSIX sh; must contain no single quote (it is sent inside one).
 ///
-/// Scan: for every `/proc/PID`, a fork-free pre-filter first reads the command line with the
-/// `read` builtin (shells drop the NULs and stop at the first newline, so the text always begins
-/// with argv\[0\]) and skips processes whose text has no `qemu-` in any case. The rest go through
-/// `tr`, which turns the NUL-separated `/proc/PID/cmdline` into `\001`-separated fields (newlines
-/// inside arguments become `\002`, so they cannot forge a field) and lowercases the hex letters
-/// A–F, so the uuid comparison ignores case; then argv\[0\]'s basename and `-uuid <uuid>` are
-/// checked exactly.
+/// `U` holds the requested uuids (lowercase, hyphenated, separated by single spaces); it is the
+/// only variable part.
+///
+/// Scan (once for the whole batch): for every `/proc/PID`, a fork-free pre-filter first reads the
+/// command line with the `read` builtin (shells drop the NULs and stop at the first newline, so
+/// the text always begins with argv\[0\]) and skips processes whose text has no `qemu-` in any
+/// case. The rest go through `tr`, which turns the NUL-separated `/proc/PID/cmdline` into
+/// `\001`-separated fields (newlines inside arguments become `\002`, so they cannot forge a field)
+/// and lowercases the hex letters A–F, so the uuid comparison ignores case; then argv\[0\]'s
+/// basename is checked exactly, and every `-uuid <value>` whose value holds no space is looked up
+/// as a whole word of `U` — so the value is exactly one requested uuid. A process whose values
+/// name one requested uuid is recorded as `PID:UUID`; one naming two different requested uuids is
+/// ambiguous: it is SIGKILLed too, but reported as `unknown` (attributed to no VM).
 ///
 /// Self-check: the script runs as `/bin/sh -c <script>`, so its own command line starts with
-/// `/bin/sh` (the `read` path works) and contains the uuid (the `tr` path works); it refuses to
-/// report when either is not seen, so a missing `/proc` or a broken tool cannot read as "no qemu".
+/// `/bin/sh` (the `read` path works) and contains `U` (the `tr` path works); it refuses to report
+/// when either is not seen, so a missing `/proc` or a broken tool cannot read as "no qemu".
 /// A process whose command line cannot be opened while it still exists is reported as `unknown`
 /// and kept in the liveness check.
 ///
 /// Liveness looks at every thread in `/proc/PID/task`: a killed thread group can have a zombie
-/// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s.
-const KILL_SCRIPT: &str = r#"u=@VM_UUID@
+/// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s, for the
+/// matches of all uuids and the unknown processes together.
+///
+/// Report: one line per word of `U`, in that order: its own found, killed and alive pids, the
+/// batch's unknown pids, and the alive unknown pids added to its alive list, so an unknown
+/// process that lives makes every line `gone=0`.
+const KILL_SCRIPT: &str = r#"U="@VM_UUIDS@"
 s=$(printf "\001")
-f= r= me=
+f= r= b= me=
 [ -r /proc/1/stat ] || { echo "rbdfence-kill error=no-proc"; exit 3; }
 x=
 read -r x 2>/dev/null <"/proc/$$/cmdline"
@@ -119,7 +151,7 @@ for d in /proc/[0-9]*; do
     continue
   fi
   if [ "$p" = "$$" ]; then
-    case $c in *"$u"*) me=1 ;; esac
+    case $c in *"$U"*) me=1 ;; esac
     continue
   fi
   [ -n "$c" ] || continue
@@ -127,17 +159,34 @@ for d in /proc/[0-9]*; do
   case ${1##*/} in qemu-system-*|qemu-kvm) ;; *) continue ;; esac
   m=
   while [ $# -gt 1 ]; do
-    case $1 in -uuid|--uuid) [ "$2" = "$u" ] && m=1 ;; esac
+    case $1 in
+      -uuid|--uuid)
+        case $2 in
+          ""|*" "*) ;;
+          *)
+            case " $U " in
+              *" $2 "*) if [ -z "$m" ]; then m=$2; elif [ "$m" != "$2" ]; then m=-; fi ;;
+            esac
+            ;;
+        esac
+        ;;
+    esac
     shift
   done
-  [ -n "$m" ] && f="$f $p"
+  case $m in
+    "") ;;
+    -) b="$b $p"; r="$r $p" ;;
+    *) f="$f $p:$m" ;;
+  esac
 done
 [ -n "$me" ] || { echo "rbdfence-kill error=self-check"; exit 3; }
 k=
-for p in $f; do kill -s KILL "$p" 2>/dev/null && k="$k $p"; done
+for e in $f; do kill -s KILL "${e%%:*}" 2>/dev/null && k="$k $e"; done
+for p in $b; do kill -s KILL "$p" 2>/dev/null; done
 live() {
   a=
-  for p in $f $r; do
+  for e in $f $r; do
+    p=${e%%:*}
     [ -d "/proc/$p" ] || continue
     z=1 n=0
     for t in /proc/$p/task/*; do
@@ -160,9 +209,18 @@ while [ -n "$a" ] && [ "$i" -lt 40 ]; do
   live
 done
 csv() { o=; for x in $1; do o=${o:+$o,}$x; done; }
-g=0; [ -n "$a" ] || g=1
-csv "$f"; F=$o; csv "$k"; K=$o; csv "$a"; A=$o; csv "$r"; R=$o
-printf "rbdfence-kill found=%s killed=%s alive=%s unknown=%s gone=%s\n" "$F" "$K" "$A" "$R" "$g"
+ra=
+for p in $a; do case " $r " in *" $p "*) ra="$ra $p" ;; esac; done
+csv "$r"; R=$o
+for v in $U; do
+  F= K= A=
+  for e in $f; do [ "${e#*:}" != "$v" ] || F="$F ${e%%:*}"; done
+  for e in $k; do [ "${e#*:}" != "$v" ] || K="$K ${e%%:*}"; done
+  for p in $a; do case " $F " in *" $p "*) A="$A $p" ;; esac; done
+  csv "$F"; F=$o; csv "$K"; K=$o; csv "$A $ra"; A=$o
+  g=0; [ -n "$A" ] || g=1
+  printf "rbdfence-kill uuid=%s found=%s killed=%s alive=%s unknown=%s gone=%s\n" "$v" "$F" "$K" "$A" "$R" "$g"
+done
 exit 0
 "#;
 
@@ -218,21 +276,24 @@ impl Route<'_> {
     }
 }
 
-/// What the remote side observed and did.
+/// What the remote side observed and did, for one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KillReport {
     /// At least one matching qemu process was running when the host was scanned.
     pub qemu_found: bool,
-    /// PIDs of the matching qemu processes.
+    /// PIDs of the matching qemu processes (attributed to this VM only).
     pub pids: Vec<u32>,
     /// SIGKILL was delivered to at least one of them.
     pub killed: bool,
-    /// Re-checked: no matching process has a live (non-zombie) thread, and no process with an
-    /// unreadable command line is still alive. This is the only field that proves anything.
+    /// Re-checked: no matching process has a live (non-zombie) thread, and no `unknown` process
+    /// of the batch is still alive. This is the only field that proves anything.
     pub gone: bool,
     /// PIDs still alive after the re-check window (empty when `gone`).
     pub alive: Vec<u32>,
-    /// PIDs whose command line could not be read although they existed (normally empty).
+    /// PIDs the scan could not attribute to exactly one VM (normally empty): the command line
+    /// could not be read although the process existed, or it is a qemu carrying two different
+    /// requested uuids (SIGKILLed too). The same for every report of one batch; while any of
+    /// them is alive, no VM of the batch is `gone` (it is then in `alive` too).
     pub unknown: Vec<u32>,
 }
 
@@ -407,7 +468,7 @@ pub enum SshError {
         /// The command's stderr, truncated.
         stderr: String,
     },
-    /// The command exited 0 but its output is not a well-formed report.
+    /// The command exited 0 but its output is not a well-formed report for the batch.
     #[error("ssh {peer}: unexpected kill command output ({detail}): {output:?}")]
     BadOutput {
         /// The host.
@@ -416,6 +477,15 @@ pub enum SshError {
         detail: &'static str,
         /// The output, truncated.
         output: String,
+    },
+    /// [`kill_qemus`] was given more VMs than one session takes; nothing was attempted. The
+    /// caller splits them into batches of at most `max`.
+    #[error("ssh: {count} VMs in one kill batch, at most {max} are allowed; split the batch")]
+    BatchTooLarge {
+        /// How many were given.
+        count: usize,
+        /// [`MAX_KILL_BATCH`].
+        max: usize,
     },
 }
 
@@ -434,13 +504,14 @@ impl SshError {
             SshError::Timeout { .. } => "timeout",
             SshError::Remote { .. } => "remote",
             SshError::BadOutput { .. } => "bad_output",
+            SshError::BatchTooLarge { .. } => "batch_too_large",
         }
     }
 
     /// The host the error concerns, when there is one.
     pub fn peer(&self) -> Option<&Peer> {
         match self {
-            SshError::LocalFile { .. } => None,
+            SshError::LocalFile { .. } | SshError::BatchTooLarge { .. } => None,
             SshError::Connect { peer, .. }
             | SshError::Handshake { peer, .. }
             | SshError::HostKeyUnknown { peer, .. }
@@ -457,7 +528,7 @@ impl SshError {
     /// The step that failed, when known.
     pub fn stage(&self) -> Option<Stage> {
         match self {
-            SshError::LocalFile { .. } => None,
+            SshError::LocalFile { .. } | SshError::BatchTooLarge { .. } => None,
             SshError::Connect { .. } => Some(Stage::Tcp),
             SshError::Handshake { .. }
             | SshError::HostKeyUnknown { .. }
@@ -470,18 +541,25 @@ impl SshError {
     }
 }
 
-/// The exact command sent to the target for `vm`: `exec /bin/sh -c '<script>'`.
-///
-/// The script is a constant; the uuid, which can only hold hex digits and hyphens, is its only
-/// variable part.
+/// The exact command sent to the target for `vm` alone: [`kill_batch_command`] of one uuid.
 pub fn kill_command(vm: &VmUuid) -> String {
+    kill_batch_command(std::slice::from_ref(vm))
+}
+
+/// The exact command sent to the target for `vms`: `exec /bin/sh -c '<script>'`.
+///
+/// The script is a constant; its only variable part is the uuids, joined by single spaces, and a
+/// [`VmUuid`] can only hold hex digits and hyphens. [`kill_qemus`] passes at most
+/// [`MAX_KILL_BATCH`] distinct uuids.
+pub fn kill_batch_command(vms: &[VmUuid]) -> String {
+    let uuids = vms.iter().map(VmUuid::as_str).collect::<Vec<_>>().join(" ");
     format!(
         "exec /bin/sh -c '{}'",
-        KILL_SCRIPT.replace(UUID_SLOT, vm.as_str())
+        KILL_SCRIPT.replace(UUID_SLOT, &uuids)
     )
 }
 
-/// Kill `vm`'s qemu on `route`'s target, and report what was seen.
+/// Kill `vm`'s qemu on `route`'s target, and report what was seen: [`kill_qemus`] for one VM.
 ///
 /// `Ok` means the command ran and reported; look at [`KillReport::gone`]. Every error means
 /// nothing is known about the VM.
@@ -490,35 +568,101 @@ pub async fn kill_qemu(
     route: Route<'_>,
     vm: &VmUuid,
 ) -> Result<KillReport, SshError> {
-    let started = Instant::now();
-    let target = route.target();
-    let result = kill_over_route(settings, route, vm).await;
-    match &result {
-        Ok(report) => tracing::info!(
-            host = %target.host_uuid, addr = %target.addr, vm = %vm,
-            qemu_found = report.qemu_found, killed = report.killed, gone = report.gone,
-            pids = ?report.pids, elapsed_ms = started.elapsed().as_millis() as u64,
-            "ssh kill step finished"
-        ),
-        Err(e) => tracing::warn!(
-            host = %target.host_uuid, addr = %target.addr, vm = %vm, error = %e,
-            label = e.label(), elapsed_ms = started.elapsed().as_millis() as u64,
-            "ssh kill step failed"
-        ),
+    let mut reports = kill_qemus(settings, route, std::slice::from_ref(vm)).await?;
+    match reports.pop() {
+        Some(report) if reports.is_empty() => Ok(report),
+        // Unreachable: kill_qemus returns exactly one report per VM.
+        _ => Err(SshError::BadOutput {
+            peer: Peer::from(route.target()),
+            detail: "not exactly one report for one VM",
+            output: String::new(),
+        }),
     }
-    result
 }
 
+/// Kill the qemus of all `vms` on `route`'s target over one SSH session (one connection per hop,
+/// one command), and report what was seen for each.
+///
+/// Returns one [`KillReport`] per entry of `vms`, in the same order (a uuid given twice gets two
+/// equal reports; it is sent once). An empty `vms` returns `Ok(vec![])` without connecting; more
+/// than [`MAX_KILL_BATCH`] entries is [`SshError::BatchTooLarge`], also without connecting —
+/// callers split larger sets into several calls. `Ok` means the command ran and reported for
+/// every VM; look at each [`KillReport::gone`]. Every error concerns the whole batch: nothing is
+/// known about any of its VMs.
+pub async fn kill_qemus(
+    settings: &SshSettings,
+    route: Route<'_>,
+    vms: &[VmUuid],
+) -> Result<Vec<KillReport>, SshError> {
+    if vms.is_empty() {
+        return Ok(Vec::new());
+    }
+    if vms.len() > MAX_KILL_BATCH {
+        return Err(SshError::BatchTooLarge {
+            count: vms.len(),
+            max: MAX_KILL_BATCH,
+        });
+    }
+    let mut unique: Vec<VmUuid> = Vec::with_capacity(vms.len());
+    for vm in vms {
+        if !unique.contains(vm) {
+            unique.push(vm.clone());
+        }
+    }
+    let started = Instant::now();
+    let target = route.target();
+    let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let reports = match kill_over_route(settings, route, &unique).await {
+        Ok(reports) => reports,
+        Err(e) => {
+            tracing::warn!(
+                host = %target.host_uuid, addr = %target.addr, vms = unique.len(),
+                first_vm = %unique[0], error = %e, label = e.label(), elapsed_ms = elapsed_ms(),
+                "ssh kill step failed"
+            );
+            return Err(e);
+        }
+    };
+    for (vm, report) in unique.iter().zip(&reports) {
+        tracing::info!(
+            host = %target.host_uuid, addr = %target.addr, vm = %vm,
+            qemu_found = report.qemu_found, killed = report.killed, gone = report.gone,
+            pids = ?report.pids, unknown = ?report.unknown, batch = unique.len(),
+            elapsed_ms = elapsed_ms(), "ssh kill step finished"
+        );
+    }
+    let mut ordered = Vec::with_capacity(vms.len());
+    for vm in vms {
+        match unique
+            .iter()
+            .position(|u| u == vm)
+            .and_then(|i| reports.get(i))
+        {
+            Some(report) => ordered.push(report.clone()),
+            // Unreachable: the parser returns one report per distinct uuid.
+            None => {
+                return Err(SshError::BadOutput {
+                    peer: Peer::from(target),
+                    detail: "no report for a requested VM",
+                    output: String::new(),
+                });
+            }
+        }
+    }
+    Ok(ordered)
+}
+
+/// Runs the batch of distinct `vms` (1 ..= [`MAX_KILL_BATCH`]); one report per VM, in order.
 async fn kill_over_route(
     settings: &SshSettings,
     route: Route<'_>,
-    vm: &VmUuid,
-) -> Result<KillReport, SshError> {
+    vms: &[VmUuid],
+) -> Result<Vec<KillReport>, SshError> {
     let creds = Arc::new(load_credentials(settings).await?);
     match route {
         Route::Direct(target) => {
             let session = open_direct(settings, &creds, target).await?;
-            let result = run_kill(settings, &session, target, vm).await;
+            let result = run_kill(settings, &session, target, vms).await;
             close(session).await;
             result
         }
@@ -527,7 +671,7 @@ async fn kill_over_route(
             let tunnelled = open_tunnelled(settings, &creds, &jump_session, jump, target).await;
             let result = match tunnelled {
                 Ok(session) => {
-                    let result = run_kill(settings, &session, target, vm).await;
+                    let result = run_kill(settings, &session, target, vms).await;
                     close(session).await;
                     result
                 }
@@ -734,15 +878,15 @@ async fn run_kill(
     settings: &SshSettings,
     session: &Session,
     target: &SshTarget,
-    vm: &VmUuid,
-) -> Result<KillReport, SshError> {
+    vms: &[VmUuid],
+) -> Result<Vec<KillReport>, SshError> {
     let peer = Peer::from(target);
     let budget = settings.command_timeout;
     let deadline = tokio::time::Instant::now() + budget;
-    let output = timeout_at(deadline, exec(session, &peer, kill_command(vm)))
+    let output = timeout_at(deadline, exec(session, &peer, kill_batch_command(vms)))
         .await
         .map_err(|_| timeout(&peer, Stage::Command, budget))??;
-    interpret(&peer, output)
+    interpret(&peer, output, vms)
 }
 
 async fn exec(session: &Session, peer: &Peer, command: String) -> Result<Output, SshError> {
@@ -804,7 +948,8 @@ fn truncated(bytes: &[u8]) -> String {
     }
 }
 
-fn interpret(peer: &Peer, out: Output) -> Result<KillReport, SshError> {
+/// Turns the command's result into one report per entry of `vms` (distinct), in order.
+fn interpret(peer: &Peer, out: Output, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
     let stderr = truncated(&out.stderr);
     let bad = |detail| SshError::BadOutput {
         peer: peer.clone(),
@@ -820,11 +965,11 @@ fn interpret(peer: &Peer, out: Output) -> Result<KillReport, SshError> {
         return Err(remote(format!("killed by signal {signal}")));
     }
     if out.stdout_overflow {
-        return Err(bad("more than 16 KiB of output"));
+        return Err(bad("more output than a batch can produce"));
     }
     let stdout = std::str::from_utf8(&out.stdout).map_err(|_| bad("not UTF-8"))?;
     match out.exit_status {
-        Some(0) => parse_report(stdout).map_err(bad),
+        Some(0) => parse_reports(stdout, vms).map_err(bad),
         Some(status) => match parse_error_line(stdout) {
             Some(code) => Err(remote(format!("{code} (exit status {status})"))),
             None => Err(remote(format!("exit status {status}"))),
@@ -844,15 +989,19 @@ fn parse_error_line(stdout: &str) -> Option<&'static str> {
     }
 }
 
-/// Parse exactly one line
-/// `rbdfence-kill found=P,P killed=P alive= unknown= gone=1\n`, and check it is consistent.
-fn parse_report(stdout: &str) -> Result<KillReport, &'static str> {
-    let line = stdout
-        .strip_suffix('\n')
-        .ok_or("not a single newline-terminated line")?;
-    if line.contains('\n') {
-        return Err("more than one line");
-    }
+/// One report line:
+/// `rbdfence-kill uuid=U found=P,P killed=P alive=P unknown=P gone=0|1`, checked on its own.
+#[derive(Debug)]
+struct ReportLine<'a> {
+    uuid: &'a str,
+    found: Vec<u32>,
+    killed: Vec<u32>,
+    alive: Vec<u32>,
+    unknown: Vec<u32>,
+    gone: bool,
+}
+
+fn parse_line(line: &str) -> Result<ReportLine<'_>, &'static str> {
     let mut words = line.split(' ');
     if words.next() != Some(REPORT_TAG) {
         return Err("missing the rbdfence-kill tag");
@@ -866,6 +1015,7 @@ fn parse_report(stdout: &str) -> Result<KillReport, &'static str> {
             Err("fields out of order or unknown")
         }
     };
+    let uuid = field("uuid")?;
     let found = parse_pids(field("found")?)?;
     let killed = parse_pids(field("killed")?)?;
     let alive = parse_pids(field("alive")?)?;
@@ -893,14 +1043,78 @@ fn parse_report(stdout: &str) -> Result<KillReport, &'static str> {
     if gone != alive.is_empty() {
         return Err("gone disagrees with the alive list");
     }
-    Ok(KillReport {
-        qemu_found: !found.is_empty(),
-        killed: !killed.is_empty(),
-        pids: found,
-        gone,
+    Ok(ReportLine {
+        uuid,
+        found,
+        killed,
         alive,
         unknown,
+        gone,
     })
+}
+
+/// Parse the script's output for the distinct `vms`: newline-terminated lines, exactly one per
+/// requested uuid (in any order, each once, no other), each consistent on its own and all
+/// consistent with each other — the same batch-wide `unknown` pids with the same alive ones,
+/// and no pid found under two uuids. Returns the reports in the order of `vms`.
+fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillReport>, &'static str> {
+    let body = stdout
+        .strip_suffix('\n')
+        .ok_or("not newline-terminated lines")?;
+    let slots: HashMap<&str, usize> = vms
+        .iter()
+        .enumerate()
+        .map(|(i, vm)| (vm.as_str(), i))
+        .collect();
+    let mut reports: Vec<Option<KillReport>> = vec![None; vms.len()];
+    let mut batch_unknown: Option<(Vec<u32>, Vec<u32>)> = None;
+    let mut attributed: HashSet<u32> = HashSet::new();
+    for (n, text) in body.split('\n').enumerate() {
+        if n >= vms.len() {
+            return Err("more lines than requested uuids");
+        }
+        let line = parse_line(text)?;
+        let slot = *slots
+            .get(line.uuid)
+            .ok_or("a line for a uuid that was not requested")?;
+        if reports[slot].is_some() {
+            return Err("two lines for one uuid");
+        }
+        let mut unknown = line.unknown.clone();
+        unknown.sort_unstable();
+        let mut alive_unknown: Vec<u32> = line
+            .alive
+            .iter()
+            .copied()
+            .filter(|p| unknown.contains(p))
+            .collect();
+        alive_unknown.sort_unstable();
+        match &batch_unknown {
+            None => batch_unknown = Some((unknown, alive_unknown)),
+            Some(first) => {
+                if *first != (unknown, alive_unknown) {
+                    return Err("lines disagree on the unknown pids");
+                }
+            }
+        }
+        for &pid in &line.found {
+            if !attributed.insert(pid) {
+                return Err("a pid found under two uuids");
+            }
+        }
+        reports[slot] = Some(KillReport {
+            qemu_found: !line.found.is_empty(),
+            killed: !line.killed.is_empty(),
+            pids: line.found,
+            gone: line.gone,
+            alive: line.alive,
+            unknown: line.unknown,
+        });
+    }
+    reports
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .ok_or("a requested uuid has no line")
 }
 
 fn parse_pids(list: &str) -> Result<Vec<u32>, &'static str> {
@@ -1177,8 +1391,43 @@ mod tests {
         "0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b".parse().unwrap()
     }
 
+    fn vms(n: usize) -> Vec<VmUuid> {
+        (0..n)
+            .map(|i| format!("0b6e1f2a-3c4d-4e5f-8a9b-{i:012x}").parse().unwrap())
+            .collect()
+    }
+
+    fn random_vm() -> VmUuid {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The script as the target runs it for `vms`.
+    fn script_for(vms: &[VmUuid]) -> String {
+        let cmd = kill_batch_command(vms);
+        cmd["exec /bin/sh -c '".len()..cmd.len() - 1].to_owned()
+    }
+
+    /// Runs the script locally under `shell`, as sshd would: argv[0] is /bin/sh.
+    fn run_locally(shell: &str, vms: &[VmUuid]) -> std::process::Output {
+        Command::new(shell)
+            .arg0("/bin/sh")
+            .arg("-c")
+            .arg(script_for(vms))
+            .output()
+            .unwrap()
+    }
+
+    /// A report line for `vm` with the given fields after the uuid.
+    fn line(vm: &VmUuid, fields: &str) -> String {
+        format!("{REPORT_TAG} uuid={vm} {fields}\n")
+    }
+
     #[test]
-    fn command_is_the_constant_script_around_the_uuid() {
+    fn command_is_the_constant_script_around_the_uuids() {
         let cmd = kill_command(&vm());
         assert!(cmd.starts_with("exec /bin/sh -c '"));
         assert!(cmd.ends_with('\''));
@@ -1190,7 +1439,19 @@ mod tests {
         assert!(!KILL_SCRIPT.contains('\''));
         assert_eq!(KILL_SCRIPT.matches(UUID_SLOT).count(), 1);
         assert_eq!(inner, KILL_SCRIPT.replace(UUID_SLOT, vm().as_str()));
-        assert!(inner.starts_with("u=0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\n"));
+        assert!(inner.starts_with("U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\"\n"));
+        assert_eq!(cmd, kill_batch_command(&[vm()]));
+
+        // A full batch: the same script, the uuids joined by single spaces, a modest size.
+        let batch = vms(MAX_KILL_BATCH);
+        let cmd = kill_batch_command(&batch);
+        let joined = batch.iter().map(VmUuid::as_str).collect::<Vec<_>>();
+        let inner = &cmd["exec /bin/sh -c '".len()..cmd.len() - 1];
+        assert_eq!(inner, KILL_SCRIPT.replace(UUID_SLOT, &joined.join(" ")));
+        assert!(!inner.contains('\''));
+        let variable = cmd.len() - kill_batch_command(&[]).len();
+        assert_eq!(variable, MAX_KILL_BATCH * 37 - 1);
+        assert!(cmd.len() < 16 * 1024, "{} bytes", cmd.len());
     }
 
     #[test]
@@ -1209,29 +1470,30 @@ mod tests {
     }
 
     #[test]
-    fn script_run_locally_finds_nothing_for_an_unused_uuid() {
-        // No qemu carries this uuid: the scan must pass its self-check and report "gone".
-        let vm: VmUuid = "deadbeef-0000-4000-8000-00000000f00d".parse().unwrap();
+    fn script_run_locally_finds_nothing_for_unused_uuids() {
+        // No qemu carries these uuids: the scan must pass its self-check and report "gone",
+        // one line per uuid, in the order given.
+        let one: VmUuid = "deadbeef-0000-4000-8000-00000000f00d".parse().unwrap();
+        let many = vms(50);
         for shell in ["/bin/sh", "/bin/dash", "/bin/bash"] {
             if !Path::new(shell).exists() {
                 continue;
             }
-            let script = KILL_SCRIPT.replace(UUID_SLOT, vm.as_str());
-            // As sshd would run it: argv[0] is /bin/sh whatever shell implements it.
-            let out = Command::new(shell)
-                .arg0("/bin/sh")
-                .arg("-c")
-                .arg(&script)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{shell}: {out:?}");
-            let stdout = String::from_utf8(out.stdout).unwrap();
-            assert_eq!(
-                stdout,
-                "rbdfence-kill found= killed= alive= unknown= gone=1\n",
-                "{shell}: stderr {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            for batch in [std::slice::from_ref(&one), &many[..]] {
+                let out = run_locally(shell, batch);
+                assert!(out.status.success(), "{shell}: {out:?}");
+                let stdout = String::from_utf8(out.stdout).unwrap();
+                let want: String = batch
+                    .iter()
+                    .map(|vm| line(vm, "found= killed= alive= unknown= gone=1"))
+                    .collect();
+                assert_eq!(
+                    stdout,
+                    want,
+                    "{shell}: stderr {:?}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
     }
 
@@ -1262,11 +1524,7 @@ mod tests {
             if !Path::new(shell).exists() {
                 continue;
             }
-            let vm: VmUuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let vm = random_vm();
             let upper = vm.to_uppercase();
             let mut target = look_alike("/usr/bin/qemu-system-x86_64", &["-uuid", &upper]);
             let mut others = [
@@ -1274,15 +1532,9 @@ mod tests {
                 look_alike("qemu-system-x86_64", &["-name", vm.as_str()]),
                 look_alike("qemu-kvm", &["-uuid\nx", vm.as_str()]),
             ];
-            let script = KILL_SCRIPT.replace(UUID_SLOT, vm.as_str());
-            let out = Command::new(shell)
-                .arg0("/bin/sh")
-                .arg("-c")
-                .arg(&script)
-                .output()
-                .unwrap();
+            let out = run_locally(shell, std::slice::from_ref(&vm));
             let stdout = String::from_utf8(out.stdout).unwrap();
-            let report = parse_report(&stdout);
+            let report = parse_reports(&stdout, std::slice::from_ref(&vm));
             let survivors: Vec<bool> = others
                 .iter_mut()
                 .map(|c| c.try_wait().unwrap().is_none())
@@ -1294,16 +1546,100 @@ mod tests {
                 let _ = c.wait();
             }
             let report = report.unwrap_or_else(|e| panic!("{shell}: {e}: {stdout:?}"));
-            assert_eq!(report.pids, vec![target.id()], "{shell}");
-            assert!(report.killed && report.gone, "{shell}: {report:?}");
+            assert_eq!(report.len(), 1);
+            assert_eq!(report[0].pids, vec![target.id()], "{shell}");
+            assert!(report[0].killed && report[0].gone, "{shell}: {report:?}");
             assert_eq!(survivors, [true, true, true], "{shell}");
         }
     }
 
     #[test]
-    fn report_parsing_is_strict() {
-        let ok = parse_report("rbdfence-kill found=12,34 killed=12,34 alive= unknown= gone=1\n")
-            .unwrap();
+    fn script_run_locally_attributes_each_process_to_one_uuid_of_the_batch() {
+        for shell in ["/bin/dash", "/bin/bash"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            let (a, b, c, d) = (random_vm(), random_vm(), random_vm(), random_vm());
+            let spaced = format!("{a} {b}");
+            let mut doomed = [
+                // a: upper case, and a second -uuid naming an unrequested VM.
+                look_alike("/usr/bin/qemu-system-x86_64", &["-uuid", &a.to_uppercase()]),
+                look_alike("qemu-kvm", &["-uuid", d.as_str(), "-uuid", a.as_str()]),
+                // b: two processes, one with --uuid.
+                look_alike("qemu-kvm", &["-uuid", b.as_str()]),
+                look_alike("/bin/qemu-system-aarch64", &["--uuid", b.as_str()]),
+                // Carries two requested uuids: attributed to neither, killed, unknown.
+                look_alike(
+                    "qemu-system-x86_64",
+                    &["-uuid", a.as_str(), "-uuid", c.as_str()],
+                ),
+            ];
+            let mut spared = [
+                // d is not requested.
+                look_alike("qemu-system-x86_64", &["-uuid", d.as_str()]),
+                // Two requested uuids in one value: not a uuid at all.
+                look_alike("qemu-system-x86_64", &["-uuid", &spaced]),
+                look_alike("not-qemu", &["-uuid", a.as_str()]),
+            ];
+            let batch = [c.clone(), a.clone(), b.clone()];
+            let out = run_locally(shell, &batch);
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            let parsed = parse_reports(&stdout, &batch);
+            let alive: Vec<bool> = doomed
+                .iter_mut()
+                .chain(spared.iter_mut())
+                .map(|p| p.try_wait().unwrap().is_none())
+                .collect();
+            let pids: Vec<u32> = doomed.iter().map(std::process::Child::id).collect();
+            for p in doomed.iter_mut().chain(spared.iter_mut()) {
+                let _ = p.kill();
+                let _ = p.wait();
+            }
+            let r = parsed.unwrap_or_else(|e| panic!("{shell}: {e}: {stdout:?}"));
+            let sorted = |mut v: Vec<u32>| {
+                v.sort_unstable();
+                v
+            };
+            // Lines come in the order of U.
+            let order: Vec<&str> = stdout
+                .lines()
+                .map(|l| &l["rbdfence-kill uuid=".len()..][..36])
+                .collect();
+            assert_eq!(order, [c.as_str(), a.as_str(), b.as_str()], "{shell}");
+            let (rc, ra, rb) = (&r[0], &r[1], &r[2]);
+            assert_eq!(
+                sorted(ra.pids.clone()),
+                sorted(pids[0..2].to_vec()),
+                "{shell}"
+            );
+            assert_eq!(
+                sorted(rb.pids.clone()),
+                sorted(pids[2..4].to_vec()),
+                "{shell}"
+            );
+            assert!(!rc.qemu_found && !rc.killed, "{shell}: {rc:?}");
+            for report in &r {
+                assert_eq!(report.unknown, vec![pids[4]], "{shell}: {report:?}");
+                assert!(
+                    report.gone && report.alive.is_empty(),
+                    "{shell}: {report:?}"
+                );
+            }
+            assert!(ra.killed && rb.killed, "{shell}: {r:?}");
+            assert_eq!(
+                alive,
+                [false, false, false, false, false, true, true, true],
+                "{shell}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn report_line_parsing_is_strict() {
+        let v = vm();
+        let one = std::slice::from_ref(&v);
+        let parse = |fields: &str| parse_reports(&line(&v, fields), one).map(|mut r| r.remove(0));
+        let ok = parse("found=12,34 killed=12,34 alive= unknown= gone=1").unwrap();
         assert_eq!(
             ok,
             KillReport {
@@ -1315,15 +1651,20 @@ mod tests {
                 unknown: vec![],
             }
         );
-        let none = parse_report("rbdfence-kill found= killed= alive= unknown= gone=1\n").unwrap();
+        let none = parse("found= killed= alive= unknown= gone=1").unwrap();
         assert!(!none.qemu_found && !none.killed && none.gone);
-        let stuck =
-            parse_report("rbdfence-kill found=7 killed=7 alive=7 unknown= gone=0\n").unwrap();
+        let stuck = parse("found=7 killed=7 alive=7 unknown= gone=0").unwrap();
         assert!(stuck.qemu_found && stuck.killed && !stuck.gone);
-        let unknown =
-            parse_report("rbdfence-kill found= killed= alive=9 unknown=9 gone=0\n").unwrap();
+        let unknown = parse("found= killed= alive=9 unknown=9 gone=0").unwrap();
         assert_eq!(unknown.unknown, vec![9]);
 
+        let with_uuid = |text: &str| {
+            text.replacen(
+                "rbdfence-kill ",
+                &format!("rbdfence-kill uuid={} ", vm()),
+                1,
+            )
+        };
         for bad in [
             "",
             "\n",
@@ -1349,7 +1690,202 @@ mod tests {
             "rbdfence-kill error=no-proc\n",
             "RBDFENCE-KILL found= killed= alive= unknown= gone=1\n",
         ] {
-            assert!(parse_report(bad).is_err(), "accepted {bad:?}");
+            let bad = with_uuid(bad);
+            assert!(parse_reports(&bad, one).is_err(), "accepted {bad:?}");
+        }
+        // The uuid field: present, first, exactly the requested (normalised) text.
+        for bad in [
+            "rbdfence-kill found= killed= alive= unknown= gone=1\n".to_owned(),
+            format!("rbdfence-kill found= uuid={v} killed= alive= unknown= gone=1\n"),
+            "rbdfence-kill uuid= found= killed= alive= unknown= gone=1\n".to_owned(),
+            format!("rbdfence-kill uuid={v}  found= killed= alive= unknown= gone=1\n"),
+            line(&v, "found= killed= alive= unknown= gone=1").to_uppercase(),
+            format!(
+                "rbdfence-kill uuid={} found= killed= alive= unknown= gone=1\n",
+                v.to_uppercase()
+            ),
+            format!(
+                "rbdfence-kill uuid={} found= killed= alive= unknown= gone=1\n",
+                v.to_bare()
+            ),
+        ] {
+            assert!(parse_reports(&bad, one).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn batch_report_parsing_is_strict() {
+        let batch = vms(3);
+        let [a, b, c] = [&batch[0], &batch[1], &batch[2]];
+        let nothing = "found= killed= alive= unknown= gone=1";
+
+        // Any order in, the order of `vms` out.
+        let ok = format!(
+            "{}{}{}",
+            line(c, nothing),
+            line(a, "found=10,11 killed=10,11 alive= unknown= gone=1"),
+            line(b, "found=20 killed=20 alive=20 unknown= gone=0"),
+        );
+        let r = parse_reports(&ok, &batch).unwrap();
+        assert_eq!(r[0].pids, vec![10, 11]);
+        assert!(r[0].killed && r[0].gone);
+        assert_eq!(r[1].alive, vec![20]);
+        assert!(r[1].qemu_found && !r[1].gone);
+        assert!(!r[2].qemu_found && !r[2].killed && r[2].gone);
+
+        // An unknown pid that is alive: in every line, and every line is not gone.
+        let stuck = format!(
+            "{}{}{}",
+            line(a, "found=10 killed=10 alive=9 unknown=9 gone=0"),
+            line(b, "found= killed= alive=9 unknown=9 gone=0"),
+            line(c, "found= killed= alive=9 unknown=9 gone=0"),
+        );
+        let r = parse_reports(&stuck, &batch).unwrap();
+        assert!(r.iter().all(|r| !r.gone && r.unknown == [9]), "{r:?}");
+        // One that is gone: in every line, and gone does not depend on it.
+        let dead = format!(
+            "{}{}{}",
+            line(a, "found=10 killed=10 alive= unknown=9 gone=1"),
+            line(b, "found= killed= alive= unknown=9 gone=1"),
+            line(c, "found= killed= alive= unknown=9 gone=1"),
+        );
+        let r = parse_reports(&dead, &batch).unwrap();
+        assert!(r.iter().all(|r| r.gone && r.unknown == [9]), "{r:?}");
+
+        let other = vms(4).remove(3);
+        let bad_cases: Vec<(&str, String)> = vec![
+            (
+                "missing line",
+                format!("{}{}", line(a, nothing), line(b, nothing)),
+            ),
+            (
+                "duplicate uuid",
+                format!(
+                    "{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(a, nothing)
+                ),
+            ),
+            (
+                "duplicate uuid, extra line",
+                format!(
+                    "{}{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing),
+                    line(a, nothing)
+                ),
+            ),
+            (
+                "unrequested uuid",
+                format!(
+                    "{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(&other, nothing)
+                ),
+            ),
+            (
+                "unrequested uuid, extra line",
+                format!(
+                    "{}{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing),
+                    line(&other, nothing)
+                ),
+            ),
+            (
+                "killed but not found",
+                format!(
+                    "{}{}{}",
+                    line(a, "found= killed=5 alive= unknown= gone=1"),
+                    line(b, nothing),
+                    line(c, nothing)
+                ),
+            ),
+            (
+                "gone with a live pid",
+                format!(
+                    "{}{}{}",
+                    line(a, "found=5 killed=5 alive=5 unknown= gone=1"),
+                    line(b, nothing),
+                    line(c, nothing)
+                ),
+            ),
+            (
+                "one pid under two uuids",
+                format!(
+                    "{}{}{}",
+                    line(a, "found=5 killed=5 alive= unknown= gone=1"),
+                    line(b, "found=5 killed=5 alive= unknown= gone=1"),
+                    line(c, nothing)
+                ),
+            ),
+            (
+                "unknown pids differ between lines",
+                format!(
+                    "{}{}{}",
+                    line(a, "found= killed= alive= unknown=9 gone=1"),
+                    line(b, nothing),
+                    line(c, "found= killed= alive= unknown=9 gone=1")
+                ),
+            ),
+            (
+                "a live unknown pid left out of one line",
+                format!(
+                    "{}{}{}",
+                    line(a, "found= killed= alive=9 unknown=9 gone=0"),
+                    line(b, "found= killed= alive= unknown=9 gone=1"),
+                    line(c, "found= killed= alive=9 unknown=9 gone=0")
+                ),
+            ),
+            (
+                "blank line",
+                format!(
+                    "{}\n{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing)
+                ),
+            ),
+            (
+                "trailing blank line",
+                format!(
+                    "{}{}{}\n",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing)
+                ),
+            ),
+            (
+                "no final newline",
+                format!(
+                    "{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing)
+                )
+                .trim_end()
+                .to_owned(),
+            ),
+            (
+                "a chatty line",
+                format!(
+                    "motd\n{}{}{}",
+                    line(a, nothing),
+                    line(b, nothing),
+                    line(c, nothing)
+                ),
+            ),
+            ("empty", String::new()),
+        ];
+        for (what, text) in &bad_cases {
+            assert!(
+                parse_reports(text, &batch).is_err(),
+                "{what}: accepted {text:?}"
+            );
         }
     }
 
@@ -1359,6 +1895,7 @@ mod tests {
             host_uuid: "h1".into(),
             addr: "127.0.0.2:2222".parse().unwrap(),
         };
+        let one = [vm()];
         let out = |stdout: &str, status: Option<u32>, signal: Option<&str>| Output {
             stdout: stdout.as_bytes().to_vec(),
             stdout_overflow: false,
@@ -1366,24 +1903,75 @@ mod tests {
             exit_status: status,
             exit_signal: signal.map(str::to_owned),
         };
-        let report = "rbdfence-kill found= killed= alive= unknown= gone=1\n";
-        assert!(interpret(&peer, out(report, Some(0), None)).unwrap().gone);
-        let e = interpret(&peer, out(report, Some(1), None)).unwrap_err();
+        let report = line(&vm(), "found= killed= alive= unknown= gone=1");
+        let ok = interpret(&peer, out(&report, Some(0), None), &one).unwrap();
+        assert!(ok.len() == 1 && ok[0].gone);
+        let e = interpret(&peer, out(&report, Some(1), None), &one).unwrap_err();
         assert_eq!(e.label(), "remote");
         let e = interpret(
             &peer,
             out("rbdfence-kill error=self-check\n", Some(3), None),
+            &one,
         )
         .unwrap_err();
         assert!(e.to_string().contains("self-check"), "{e}");
         assert!(e.to_string().contains("h1 (127.0.0.2:2222)"), "{e}");
-        let e = interpret(&peer, out(report, None, Some("KILL"))).unwrap_err();
+        let e = interpret(&peer, out(&report, None, Some("KILL")), &one).unwrap_err();
         assert_eq!(e.label(), "remote");
-        let e = interpret(&peer, out(report, None, None)).unwrap_err();
+        let e = interpret(&peer, out(&report, None, None), &one).unwrap_err();
         assert_eq!(e.label(), "remote");
-        let e = interpret(&peer, out("motd\n", Some(0), None)).unwrap_err();
+        let e = interpret(&peer, out("motd\n", Some(0), None), &one).unwrap_err();
         assert_eq!(e.label(), "bad_output");
         assert_eq!(e.stage(), Some(Stage::Command));
+        // A good line for another batch is bad output for this one.
+        let e = interpret(&peer, out(&report, Some(0), None), &vms(1)).unwrap_err();
+        assert_eq!(e.label(), "bad_output");
+        let mut overflow = out(&report, Some(0), None);
+        overflow.stdout_overflow = true;
+        let e = interpret(&peer, overflow, &one).unwrap_err();
+        assert_eq!(e.label(), "bad_output");
+    }
+
+    #[tokio::test]
+    async fn empty_and_oversized_batches_never_connect() {
+        // Files that do not exist and an address nobody is asked: any attempt would fail.
+        let settings = SshSettings {
+            user: "root".into(),
+            identity: "/nonexistent/rbdfence/id".into(),
+            known_hosts: "/nonexistent/rbdfence/known_hosts".into(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(1),
+        };
+        let target = SshTarget {
+            host_uuid: "h1".into(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        let route = Route::Direct(&target);
+        assert_eq!(kill_qemus(&settings, route, &[]).await.unwrap(), vec![]);
+        let e = kill_qemus(&settings, route, &vms(MAX_KILL_BATCH + 1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SshError::BatchTooLarge {
+                    count: 257,
+                    max: 256
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.label(), "batch_too_large");
+        assert_eq!((e.peer(), e.stage()), (None, None));
+        assert!(
+            e.to_string().contains("257") && e.to_string().contains("256"),
+            "{e}"
+        );
+        // At the bound it gets as far as loading the (missing) identity.
+        let e = kill_qemus(&settings, route, &vms(MAX_KILL_BATCH))
+            .await
+            .unwrap_err();
+        assert_eq!(e.label(), "config", "{e}");
     }
 
     #[test]
@@ -1519,5 +2107,10 @@ mod tests {
             user: "root".into(),
         };
         assert_eq!(e.label(), "auth");
+        let e = SshError::BatchTooLarge {
+            count: 300,
+            max: 256,
+        };
+        assert_eq!(e.label(), "batch_too_large");
     }
 }

@@ -186,6 +186,25 @@ impl BlocklistEntry {
     }
 }
 
+impl BlocklistEntry {
+    /// Whether this entry fences every client that `other` fences (so `other` adds nothing).
+    pub fn covers(&self, other: &BlocklistEntry) -> bool {
+        match other {
+            BlocklistEntry::Addr(a) if a.port == 0 && a.nonce == 0 => match self {
+                BlocklistEntry::Addr(s) => s == a,
+                BlocklistEntry::Range(c) => c.contains(a.ip),
+            },
+            BlocklistEntry::Addr(a) => self.fences(a),
+            BlocklistEntry::Range(r) => match self {
+                BlocklistEntry::Range(s) => {
+                    s.prefix <= r.prefix && s.contains(r.ip) && s.ip.is_ipv4() == r.ip.is_ipv4()
+                }
+                BlocklistEntry::Addr(_) => false,
+            },
+        }
+    }
+}
+
 impl fmt::Display for BlocklistEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -312,6 +331,21 @@ mod tests {
                 "{bad} should not parse"
             );
         }
+    }
+
+    #[test]
+    fn coverage_between_entries() {
+        let e = |s: &str| {
+            s.parse::<BlocklistEntry>()
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(e("127.0.0.2").covers(&e("127.0.0.2:0/77")));
+        assert!(e("127.0.0.2").covers(&e("127.0.0.2")));
+        assert!(!e("127.0.0.2:0/77").covers(&e("127.0.0.2")));
+        assert!(!e("127.0.0.2").covers(&e("127.0.0.3:0/1")));
+        assert!(e("127.0.0.0/24").covers(&e("127.0.0.2")));
+        assert!(e("127.0.0.0/24").covers(&e("127.0.0.0/25")));
+        assert!(!e("127.0.0.0/25").covers(&e("127.0.0.0/24")));
     }
 
     #[test]

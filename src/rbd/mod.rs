@@ -23,7 +23,7 @@ mod ffi {
 
 pub mod addr;
 mod blocklist;
-mod client;
+pub mod client;
 mod cluster;
 pub mod errno;
 mod error;

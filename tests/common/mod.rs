@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rbdfence::rbd::{Ceph, ConnectOptions, ImageSpec, Timeouts};
 
 pub mod sshd;
+pub mod stack;
 pub mod vm;
 
 /// The micro cluster the tests run against.

@@ -1,0 +1,388 @@
+//! The service's Prometheus metrics. The series, their labels and allowed values are the
+//! contract in `metrics/README.md`; `tests/service.rs` keeps this file and that one equal.
+//! Label values come from fixed sets (the decision's enums, errno names, stage names),
+//! never from free text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::fence::decision::{ApproveReason, Decision, DenyReason, Outcome};
+use crate::fence::driver::{FenceObserver, Stage};
+use crate::fence::record::FenceRecord;
+use crate::rbd::{CephError, Op};
+
+const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The `op` label of `rbdfence_ceph_calls_total`.
+pub const CEPH_OPS: [&str; 8] = [
+    "connect",
+    "image_status",
+    "blocklist_add",
+    "blocklist_rm",
+    "blocklist_ls",
+    "wait_for_latest_osdmap",
+    "osdmap_epoch",
+    "getaddrs",
+];
+
+/// The `result` label of `rbdfence_ceph_calls_total`: `ok`, these errnos, or `other`.
+pub const CEPH_RESULTS: [&str; 13] = [
+    "ok",
+    "EPERM",
+    "ENOENT",
+    "EIO",
+    "EACCES",
+    "EINVAL",
+    "ETIMEDOUT",
+    "ESHUTDOWN",
+    "ENOTCONN",
+    "ECONNREFUSED",
+    "EAGAIN",
+    "ERANGE",
+    "other",
+];
+
+/// The `result` label of `rbdfence_ssh_sessions_total`.
+pub const SSH_RESULTS: [&str; 10] = [
+    "ok",
+    "config",
+    "connect",
+    "handshake",
+    "host_key",
+    "auth",
+    "channel",
+    "timeout",
+    "remote",
+    "bad_output",
+];
+
+/// The `route` label of `rbdfence_http_requests_total`.
+pub const HTTP_ROUTES: [&str; 10] = [
+    "pre_instantiate",
+    "sibling_fence_vm",
+    "image",
+    "fences",
+    "fence",
+    "unfence",
+    "metrics",
+    "healthz",
+    "readyz",
+    "other",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabels {
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CephCallLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: &'static str,
+    status: &'static str,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    outcomes: Family<OutcomeLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
+    fence_duration: Histogram,
+    stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
+    ceph_calls: Family<CephCallLabels, Counter>,
+    ssh_sessions: Family<ResultLabels, Counter>,
+    blocklist_entries: Gauge,
+    ceph_connected: Gauge,
+    http_requests: Family<HttpLabels, Counter>,
+    /// Entries added by this service and not lifted, with their expiry.
+    managed: Mutex<HashMap<String, Instant>>,
+    blocklist_expire: Duration,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let fence_duration = histogram();
+        let stage_duration =
+            Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        let ceph_calls = Family::<CephCallLabels, Counter>::default();
+        let ssh_sessions = Family::<ResultLabels, Counter>::default();
+        let blocklist_entries = Gauge::default();
+        let ceph_connected = Gauge::default();
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "rbdfence_fence_outcomes",
+            "Finished fences by outcome",
+            outcomes.clone(),
+        );
+        registry.register(
+            "rbdfence_fence_decisions",
+            "Fence decisions by decision and reason",
+            decisions.clone(),
+        );
+        registry.register(
+            "rbdfence_fence_duration_seconds",
+            "Whole fence, request to recorded decision",
+            fence_duration.clone(),
+        );
+        registry.register(
+            "rbdfence_fence_stage_duration_seconds",
+            "Fence stages: evidence, blocklist (add), osdmap (wait + confirm), ssh (kill)",
+            stage_duration.clone(),
+        );
+        registry.register(
+            "rbdfence_ceph_calls",
+            "Ceph calls by operation and result",
+            ceph_calls.clone(),
+        );
+        registry.register(
+            "rbdfence_ssh_sessions",
+            "SSH kill sessions by result",
+            ssh_sessions.clone(),
+        );
+        registry.register(
+            "rbdfence_blocklist_entries",
+            "Blocklist entries this service added, not lifted and not expired",
+            blocklist_entries.clone(),
+        );
+        registry.register(
+            "rbdfence_ceph_connected",
+            "1 when the persistent Ceph connection answers its health check",
+            ceph_connected.clone(),
+        );
+        registry.register(
+            "rbdfence_build_info",
+            "Build information; always 1",
+            build_info.clone(),
+        );
+        registry.register(
+            "rbdfence_http_requests",
+            "HTTP requests by route and status class",
+            http_requests.clone(),
+        );
+
+        // Every series exists from the start (at 0), so rates and alerts work at once.
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        for o in Outcome::ALL {
+            let _ = outcomes.get_or_create(&OutcomeLabels {
+                outcome: o.as_str(),
+            });
+        }
+        for r in ApproveReason::ALL {
+            let _ = decisions.get_or_create(&DecisionLabels {
+                decision: "approve",
+                reason: r.as_str(),
+            });
+        }
+        for r in DenyReason::ALL {
+            let _ = decisions.get_or_create(&DecisionLabels {
+                decision: "deny",
+                reason: r.as_str(),
+            });
+        }
+        for s in Stage::ALL {
+            let _ = stage_duration.get_or_create(&StageLabels { stage: s.as_str() });
+        }
+        for op in CEPH_OPS {
+            let _ = ceph_calls.get_or_create(&CephCallLabels { op, result: "ok" });
+        }
+        let _ = ssh_sessions.get_or_create(&ResultLabels { result: "ok" });
+        Metrics {
+            registry,
+            outcomes,
+            decisions,
+            fence_duration,
+            stage_duration,
+            ceph_calls,
+            ssh_sessions,
+            blocklist_entries,
+            ceph_connected,
+            http_requests,
+            managed: Mutex::default(),
+            blocklist_expire: Duration::from_secs(86400),
+        }
+    }
+
+    /// The expiry the service gives its blocklist entries (for `rbdfence_blocklist_entries`).
+    pub fn with_blocklist_expire(mut self, expire: Duration) -> Metrics {
+        self.blocklist_expire = expire;
+        self
+    }
+
+    /// The exposition text (OpenMetrics).
+    pub fn encode(&self) -> String {
+        {
+            let mut managed = self.managed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            managed.retain(|_, until| *until > now);
+            self.blocklist_entries.set(managed.len() as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    pub fn ceph_call(&self, op: Op, result: Result<(), &CephError>) {
+        let op = match op {
+            Op::Connect | Op::Create | Op::ConfReadFile | Op::ConfSet | Op::LibraryVersion => {
+                "connect"
+            }
+            Op::ListWatchers | Op::ListLockers | Op::OpenImage | Op::IoCtxCreate => "image_status",
+            Op::BlocklistAdd => "blocklist_add",
+            Op::BlocklistRm => "blocklist_rm",
+            Op::BlocklistLs => "blocklist_ls",
+            Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
+            Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",
+            Op::GetAddrs => "getaddrs",
+        };
+        let result = match result {
+            Ok(()) => "ok",
+            Err(e) => {
+                let l = crate::rbd::errno::label(e.errno);
+                CEPH_RESULTS
+                    .iter()
+                    .copied()
+                    .find(|r| *r == l)
+                    .unwrap_or("other")
+            }
+        };
+        self.ceph_calls
+            .get_or_create(&CephCallLabels { op, result })
+            .inc();
+    }
+
+    pub fn ssh_session(&self, result: &'static str) {
+        let result = SSH_RESULTS
+            .iter()
+            .copied()
+            .find(|r| *r == result)
+            .unwrap_or("remote");
+        self.ssh_sessions
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    pub fn set_ceph_connected(&self, up: bool) {
+        self.ceph_connected.set(i64::from(up));
+    }
+
+    pub fn http_request(&self, route: &'static str, status: u16) {
+        let route = HTTP_ROUTES
+            .iter()
+            .copied()
+            .find(|r| *r == route)
+            .unwrap_or("other");
+        let status = match status {
+            200..=299 => "2xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests
+            .get_or_create(&HttpLabels { route, status })
+            .inc();
+    }
+
+    /// Entries of a host were lifted (unfence).
+    pub fn entries_lifted(&self, entries: &[String]) {
+        let mut managed = self.managed.lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries {
+            managed.remove(e);
+        }
+    }
+
+    /// Remembers confirmed entries until they expire.
+    pub fn entries_added(&self, entries: &[String], expire: Duration) {
+        let until = Instant::now() + expire;
+        let mut managed = self.managed.lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries {
+            managed.insert(e.clone(), until);
+        }
+    }
+}
+
+impl FenceObserver for Metrics {
+    fn fence_finished(
+        &self,
+        record: &FenceRecord,
+        decision: Decision,
+        stages: &BTreeMap<Stage, Duration>,
+    ) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels {
+                outcome: decision.outcome().as_str(),
+            })
+            .inc();
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision: decision.as_str(),
+                reason: decision.reason(),
+            })
+            .inc();
+        self.fence_duration
+            .observe(record.reply.duration_ms as f64 / 1e3);
+        if let Some(b) = &record.reply.evidence.blocklist
+            && b.osdmap_epoch.is_some()
+        {
+            self.entries_added(&b.entries, self.blocklist_expire);
+        }
+        for (stage, d) in stages {
+            self.stage_duration
+                .get_or_create(&StageLabels {
+                    stage: stage.as_str(),
+                })
+                .observe(d.as_secs_f64());
+        }
+    }
+}

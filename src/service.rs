@@ -1,0 +1,151 @@
+//! The service around the engine: one fence per VM at a time, `request_id` replays, fences
+//! that finish even when the caller goes away, and a graceful shutdown that waits for them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio_util::task::TaskTracker;
+
+use crate::app::RealEngine;
+use crate::config::Config;
+use crate::fence::decision::{Decision, DenyReason};
+use crate::fence::driver::FenceRequest;
+use crate::fence::link::CephLink;
+use crate::fence::record::{EvidenceReport, FenceRecord, FenceReply};
+use crate::fence::vm::VmUuid;
+use crate::metrics::Metrics;
+
+type FenceFuture = Shared<BoxFuture<'static, Arc<FenceRecord>>>;
+
+pub struct Service {
+    pub engine: Arc<RealEngine>,
+    pub link: Arc<CephLink>,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+    /// The bearer token every /v1 and /ha call needs, when configured.
+    pub token: Option<String>,
+    in_flight: Mutex<HashMap<(VmUuid, bool), FenceFuture>>,
+    /// request_id → fence_id for requests that joined another request's fence.
+    aliases: Mutex<HashMap<String, String>>,
+    tracker: TaskTracker,
+}
+
+impl Service {
+    pub fn new(
+        engine: RealEngine,
+        link: Arc<CephLink>,
+        metrics: Arc<Metrics>,
+        config: Config,
+        token: Option<String>,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            engine: Arc::new(engine),
+            link,
+            metrics,
+            config,
+            token,
+            in_flight: Mutex::default(),
+            aliases: Mutex::default(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// The recorded answer to an earlier request with this id.
+    pub fn replay(&self, request_id: &str) -> Option<FenceRecord> {
+        if let Some(r) = self.engine.ledger.by_request_id(request_id) {
+            return Some(r);
+        }
+        let fence_id = self
+            .aliases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(request_id)
+            .cloned()?;
+        self.engine.ledger.get(&fence_id)
+    }
+
+    /// Answers one pre-instantiate request. A repeated `request_id` gets the recorded answer
+    /// without acting again; concurrent requests for the same VM share one fence. The fence
+    /// runs as its own task: it finishes and is recorded even if the caller disconnects.
+    pub async fn pre_instantiate(self: &Arc<Self>, req: FenceRequest) -> FenceRecord {
+        if let Some(id) = &req.request_id
+            && let Some(r) = self.replay(id)
+        {
+            return r;
+        }
+        let key = (req.vm.clone(), req.dry_run);
+        let (fut, joined) = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&key) {
+                Some(f) => (f.clone(), true),
+                None => {
+                    let engine = self.engine.clone();
+                    let r = req.clone();
+                    let task = self.tracker.spawn(async move { engine.fence(&r).await });
+                    let r = req.clone();
+                    let f = async move {
+                        Arc::new(task.await.unwrap_or_else(|e| {
+                            internal_error(&r, &format!("the fence task failed: {e}"))
+                        }))
+                    }
+                    .boxed()
+                    .shared();
+                    map.insert(key.clone(), f.clone());
+                    (f, false)
+                }
+            }
+        };
+        let record = fut.clone().await;
+        {
+            let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&key).is_some_and(|f| f.ptr_eq(&fut)) {
+                map.remove(&key);
+            }
+        }
+        if joined && let Some(id) = &req.request_id {
+            self.aliases
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone(), record.reply.fence_id.clone());
+        }
+        (*record).clone()
+    }
+
+    /// Stops taking fences and waits (bounded) for those in flight to be recorded.
+    pub async fn drain(&self, within: Duration) -> bool {
+        self.tracker.close();
+        tokio::time::timeout(within, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.tracker.len()
+    }
+}
+
+/// A deny for a fence that could not run to its decision (a bug, not a Ceph or SSH answer).
+fn internal_error(req: &FenceRequest, message: &str) -> FenceRecord {
+    let d = Decision::Deny(DenyReason::InternalError);
+    FenceRecord {
+        request_id: req.request_id.clone(),
+        vm_uuid: req.vm.to_string(),
+        failed_host: req.failed_host.clone(),
+        target_host: req.target_host.clone(),
+        volumes: req.volumes.iter().map(ToString::to_string).collect(),
+        dry_run: req.dry_run,
+        started_at: String::new(),
+        stages_ms: Default::default(),
+        reply: FenceReply {
+            fence_id: String::new(),
+            decision: d.as_str().into(),
+            outcome: d.outcome().as_str().into(),
+            reason: d.reason().into(),
+            message: message.into(),
+            evidence: EvidenceReport::default(),
+            duration_ms: 0,
+        },
+    }
+}
