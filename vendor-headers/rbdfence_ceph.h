@@ -64,15 +64,24 @@ int rados_mon_command(rados_t cluster, const char **cmd, size_t cmdlen,
                       char **outs, size_t *outslen);
 void rados_buffer_free(char *buf);
 
-/* ---- librados: pools ---- */
+/* ---- librados: pools and objects ---- */
 int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
 void rados_ioctx_destroy(rados_ioctx_t io);
+/* Lockers of one lock of one object; the lengths say how much room each buffer has, and are
+ * set to what is needed when it returns -ERANGE. Returns the number of lockers. */
+ssize_t rados_list_lockers(rados_ioctx_t io, const char *oid, const char *name,
+                           int *exclusive,
+                           char *tag, size_t *tag_len,
+                           char *clients, size_t *clients_len,
+                           char *cookies, size_t *cookies_len,
+                           char *addrs, size_t *addrs_len);
 
 /* ---- librbd ---- */
 void rbd_version(int *major, int *minor, int *extra);
 int rbd_open_read_only(rados_ioctx_t io, const char *name, rbd_image_t *image,
                        const char *snap_name);
 int rbd_close(rbd_image_t image);
+int rbd_get_id(rbd_image_t image, char *id, size_t id_len);
 int rbd_watchers_list(rbd_image_t image, rbd_image_watcher_t *watchers,
                       size_t *max_watchers);
 void rbd_watchers_list_cleanup(rbd_image_watcher_t *watchers, size_t num_watchers);

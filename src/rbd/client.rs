@@ -19,6 +19,15 @@ use super::ioctx::IoCtx;
 /// fire first and give the better error.
 const MARGIN: Duration = Duration::from_secs(2);
 
+/// How long an image stays open read-only for repeated observation. Watchers and lock owners
+/// are read live from the header object on every call; the bound only limits how long a
+/// renamed image keeps answering under its old name.
+const IMAGE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Images kept open at most (the cache is emptied when it is full).
+const IMAGE_CACHE_MAX: usize = 4096;
+
+type ImageCache = Mutex<HashMap<ImageSpec, (Arc<Mutex<Image>>, std::time::Instant)>>;
+
 /// Told of every Ceph call's result (metrics hook).
 pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
 
@@ -27,6 +36,7 @@ pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
 pub struct Ceph {
     rados: Arc<Rados>,
     pools: Arc<Mutex<HashMap<String, Arc<IoCtx>>>>,
+    images: Arc<ImageCache>,
     bound: Duration,
     observer: Option<CallObserver>,
 }
@@ -44,6 +54,7 @@ impl Ceph {
         Ok(Ceph {
             rados: Arc::new(rados),
             pools: Arc::default(),
+            images: Arc::default(),
             bound,
             observer: None,
         })
@@ -74,13 +85,27 @@ impl Ceph {
     }
 
     /// Watchers and lock owners of one image, from a read-only open (which adds no watcher).
+    /// The open image is kept for a while: both lists are read live from the header object
+    /// on every call (one OSD op each); an image that was removed (or replaced) since is
+    /// reopened once.
     pub async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
         let pools = self.pools.clone();
+        let images = self.images.clone();
         let spec = spec.clone();
         self.call(Op::ListWatchers, spec.to_string(), move |rados| {
-            let ioctx = ioctx_for(&pools, rados, &spec.pool)?;
-            let image = Image::open_read_only(ioctx, &spec.image)?;
-            image.status()
+            let (image, cached) = cached_image(&images, &pools, rados, &spec)?;
+            let status = image.lock().unwrap_or_else(|p| p.into_inner()).status();
+            match status {
+                Err(e) if cached && e.is_not_found() => {
+                    images
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&spec);
+                    let (image, _) = cached_image(&images, &pools, rados, &spec)?;
+                    image.lock().unwrap_or_else(|p| p.into_inner()).status()
+                }
+                other => other,
+            }
         })
         .await
     }
@@ -134,6 +159,33 @@ impl Ceph {
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
         ioctx_for(&self.pools, &self.rados, pool)
     }
+}
+
+/// The cached read-only handle of `spec`, or a new one; `true` when it came from the cache.
+fn cached_image(
+    images: &ImageCache,
+    pools: &Mutex<HashMap<String, Arc<IoCtx>>>,
+    rados: &Arc<Rados>,
+    spec: &ImageSpec,
+) -> Result<(Arc<Mutex<Image>>, bool), CephError> {
+    {
+        let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(spec) {
+            Some((img, at)) if at.elapsed() < IMAGE_CACHE_TTL => return Ok((img.clone(), true)),
+            Some(_) => {
+                map.remove(spec);
+            }
+            None => {}
+        }
+    }
+    let ioctx = ioctx_for(pools, rados, &spec.pool)?;
+    let image = Arc::new(Mutex::new(Image::open_read_only(ioctx, &spec.image)?));
+    let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= IMAGE_CACHE_MAX {
+        map.clear();
+    }
+    map.insert(spec.clone(), (image.clone(), std::time::Instant::now()));
+    Ok((image, false))
 }
 
 /// One IoCtx per pool for the life of the connection: creating one is a round trip for the

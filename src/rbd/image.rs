@@ -138,8 +138,13 @@ pub struct ImageStatus {
 pub struct Image {
     ptr: ffi::rbd_image_t,
     spec: String,
-    _ioctx: Arc<IoCtx>,
+    /// `rbd_header.<id>` for format-2 images: lock owners are read from it live.
+    header_oid: Option<CString>,
+    ioctx: Arc<IoCtx>,
 }
+
+/// The lock librbd's exclusive-lock feature (and `rbd lock add`) takes on the header object.
+const RBD_LOCK_NAME: &std::ffi::CStr = c"rbd_lock";
 
 // SAFETY: librbd image handles may move between threads (librbd locks internally); `Image`
 // is deliberately not `Sync`, so one thread at a time uses it.
@@ -181,11 +186,41 @@ impl Image {
             };
             return Err(CephError::from_code(Op::OpenImage, spec, r.into(), msg));
         }
-        Ok(Image {
+        let mut img = Image {
             ptr,
             spec,
-            _ioctx: ioctx,
-        })
+            header_oid: None,
+            ioctx,
+        };
+        img.header_oid = img
+            .id()
+            .ok()
+            .and_then(|id| CString::new(format!("rbd_header.{id}")).ok());
+        Ok(img)
+    }
+
+    /// The image's id (format 2); an error for format-1 images.
+    ///
+    /// Implements: `rbd_get_id`.
+    fn id(&self) -> Result<String, CephError> {
+        let mut buf = vec![0 as c_char; 64];
+        // SAFETY: `buf` is as long as the length passed; librbd writes a NUL-terminated id
+        // within it or returns an error (ERANGE when too short).
+        let r = unsafe { ffi::rbd_get_id(self.ptr, buf.as_mut_ptr(), buf.len()) };
+        if r < 0 {
+            return Err(CephError::from_code(
+                Op::OpenImage,
+                &self.spec,
+                r.into(),
+                "",
+            ));
+        }
+        let bytes: Vec<u8> = buf
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// The clients watching the image header, retrying while librbd says the array is too
@@ -244,70 +279,40 @@ impl Image {
     }
 
     /// The lockers of the image header: with the exclusive-lock feature, the current
-    /// owner's address (tag `internal`). Empty when nobody holds a lock.
+    /// owner's address (tag `internal`). Empty when nobody holds a lock. For format-2 images
+    /// read live from the header object, so a long-open handle never reports stale owners
+    /// (librbd's own `rbd_list_lockers` answers from what the last header refresh saw).
     ///
-    /// Implements: `rbd_list_lockers`.
+    /// Implements: `rados_list_lockers` (format 2), `rbd_list_lockers` (format 1).
     pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
-        let (mut tag_cap, mut clients_cap, mut cookies_cap, mut addrs_cap) =
-            (64usize, 256usize, 256usize, 256usize);
-        for _ in 0..MAX_SIZING_ATTEMPTS {
-            let mut tag = vec![0 as c_char; tag_cap];
-            let mut clients = vec![0 as c_char; clients_cap];
-            let mut cookies = vec![0 as c_char; cookies_cap];
-            let mut addrs = vec![0 as c_char; addrs_cap];
-            let (mut tl, mut cl, mut kl, mut al) = (tag_cap, clients_cap, cookies_cap, addrs_cap);
-            let mut exclusive: c_int = 0;
-            // SAFETY: each buffer is as long as the length passed with it; librbd writes within
-            // those lengths, or returns ERANGE with the lengths it needs.
-            let r = unsafe {
-                ffi::rbd_list_lockers(
-                    self.ptr,
-                    &mut exclusive,
-                    tag.as_mut_ptr(),
-                    &mut tl,
-                    clients.as_mut_ptr(),
-                    &mut cl,
-                    cookies.as_mut_ptr(),
-                    &mut kl,
-                    addrs.as_mut_ptr(),
-                    &mut al,
-                )
-            };
-            if r == -(libc::ERANGE as isize) {
-                // librbd reports the lengths it needs; grow every buffer that was short.
-                tag_cap = grow(tag_cap, tl);
-                clients_cap = grow(clients_cap, cl);
-                cookies_cap = grow(cookies_cap, kl);
-                addrs_cap = grow(addrs_cap, al);
-                continue;
-            }
-            if r < 0 {
-                return Err(CephError::from_code(
-                    Op::ListLockers,
-                    &self.spec,
-                    r as i64,
-                    "",
-                ));
-            }
-            let count = r as usize;
-            let mode = if exclusive != 0 {
-                LockMode::Exclusive
-            } else {
-                LockMode::Shared
-            };
-            let addrs = split_nul_list(&addrs[..al.min(addrs_cap)]);
-            return Ok(addrs
-                .into_iter()
-                .take(count)
-                .map(|address| LockOwner { mode, address })
-                .collect());
-        }
-        Err(CephError::new(
-            Op::ListLockers,
+        let header = self.header_oid.as_ref();
+        list_lockers(
             &self.spec,
-            libc::ERANGE,
-            "locker list kept growing",
-        ))
+            |ex, tag, tl, cl, cls, kl, kls, al, als| match header {
+                // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated object and lock
+                // names; each buffer is as long as the length passed with it.
+                Some(oid) => unsafe {
+                    ffi::rados_list_lockers(
+                        self.ioctx.as_ptr(),
+                        oid.as_ptr(),
+                        RBD_LOCK_NAME.as_ptr(),
+                        ex,
+                        tag,
+                        tl,
+                        cl,
+                        cls,
+                        kl,
+                        kls,
+                        al,
+                        als,
+                    )
+                },
+                // SAFETY: valid open image; each buffer is as long as the length passed with it.
+                None => unsafe {
+                    ffi::rbd_list_lockers(self.ptr, ex, tag, tl, cl, cls, kl, kls, al, als)
+                },
+            },
+        )
     }
 
     /// Watchers and lock owners in one go.
@@ -317,6 +322,91 @@ impl Image {
             lock_owners: self.lock_owners()?,
         })
     }
+}
+
+/// `v1:IP:PORT/NONCE` (how librados prints a locker) → `IP:PORT/NONCE` (how librbd and
+/// `rbd status` print addresses).
+fn plain_addr(a: String) -> String {
+    for prefix in ["v1:", "v2:", "any:"] {
+        if let Some(rest) = a.strip_prefix(prefix) {
+            return rest.to_string();
+        }
+    }
+    a
+}
+
+/// The sizing loop around a locker listing: grows the buffers while it answers ERANGE.
+fn list_lockers(
+    spec: &str,
+    mut call: impl FnMut(
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize,
+) -> Result<Vec<LockOwner>, CephError> {
+    let (mut tag_cap, mut clients_cap, mut cookies_cap, mut addrs_cap) =
+        (64usize, 256usize, 256usize, 256usize);
+    for _ in 0..MAX_SIZING_ATTEMPTS {
+        let mut tag = vec![0 as c_char; tag_cap];
+        let mut clients = vec![0 as c_char; clients_cap];
+        let mut cookies = vec![0 as c_char; cookies_cap];
+        let mut addrs = vec![0 as c_char; addrs_cap];
+        let (mut tl, mut cl, mut kl, mut al) = (tag_cap, clients_cap, cookies_cap, addrs_cap);
+        let mut exclusive: c_int = 0;
+        let r = call(
+            &mut exclusive,
+            tag.as_mut_ptr(),
+            &mut tl,
+            clients.as_mut_ptr(),
+            &mut cl,
+            cookies.as_mut_ptr(),
+            &mut kl,
+            addrs.as_mut_ptr(),
+            &mut al,
+        );
+        if r == -(libc::ERANGE as isize) {
+            // The library reports the lengths it needs; grow every buffer that was short.
+            tag_cap = grow(tag_cap, tl);
+            clients_cap = grow(clients_cap, cl);
+            cookies_cap = grow(cookies_cap, kl);
+            addrs_cap = grow(addrs_cap, al);
+            continue;
+        }
+        if r == -(libc::ENOENT as isize) {
+            // No lock was ever taken on this object: nobody holds one. (A missing image
+            // fails earlier: `status` lists the watchers of the same object first.)
+            return Ok(Vec::new());
+        }
+        if r < 0 {
+            return Err(CephError::from_code(Op::ListLockers, spec, r as i64, ""));
+        }
+        let mode = if exclusive != 0 {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        let addrs = split_nul_list(&addrs[..al.min(addrs_cap)]);
+        return Ok(addrs
+            .into_iter()
+            .take(r as usize)
+            .map(|address| LockOwner {
+                mode,
+                address: plain_addr(address),
+            })
+            .collect());
+    }
+    Err(CephError::new(
+        Op::ListLockers,
+        spec,
+        libc::ERANGE,
+        "locker list kept growing",
+    ))
 }
 
 /// The next capacity of one of the buffers after ERANGE: what librbd asked for, or unchanged
