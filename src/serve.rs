@@ -76,6 +76,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
             addr: listen,
             source,
         })?;
+    let listen = listener.local_addr().unwrap_or(listen);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let maintenance = tokio::spawn(svc.link.clone().maintain(health_every, stop_rx));
     tracing::info!(%listen, ceph_connected = svc.link.is_healthy(), hosts = svc.engine.inventory.len(), "rbdfence serving");

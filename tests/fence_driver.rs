@@ -28,6 +28,8 @@ struct FakeCeph {
     fail_add: bool,
     hang_status: bool,
     drop_from_ls: bool,
+    /// Every call fails as a link without a connection does (a missing conf: ENOENT).
+    disconnected: bool,
 }
 
 impl CephPort for FakeCeph {
@@ -38,6 +40,14 @@ impl CephPort for FakeCeph {
         self.log.lock().unwrap().push(format!("status {spec}"));
         if self.hang_status {
             std::future::pending::<()>().await;
+        }
+        if self.disconnected {
+            return Err(CephError::new(
+                Op::ConfReadFile,
+                "/etc/ceph/ceph.conf",
+                libc::ENOENT,
+                "",
+            ));
         }
         let found = self
             .status
@@ -527,5 +537,23 @@ async fn many_vms_of_one_host_share_one_storage_fence_and_one_ssh_session() {
         kills,
         vec!["kill via h3 to h1 x20"],
         "one SSH session for all 20 VMs"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_ceph_conf_is_ceph_unavailable_not_image_not_found() {
+    let s = setup(
+        FakeCeph {
+            disconnected: true,
+            ..Default::default()
+        },
+        |_| killed(),
+    );
+    let r = s.engine.fence(&request()).await;
+    assert_eq!(
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "ceph-unavailable"),
+        "{}",
+        r.reply.message
     );
 }

@@ -703,3 +703,76 @@ async fn a_real_prometheus_scrapes_the_service_and_loads_the_alerts() {
         "alert rules loaded: {rules}"
     );
 }
+
+/// `rbdfence serve` as a process: SIGTERM while a fence is in flight (the failed host's
+/// sshd hangs, so the kill step waits out its timeout) — the fence still finishes, is
+/// recorded and answered, and then the service exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_sigterm_lets_fences_in_flight_finish() {
+    use std::io::BufRead;
+    let stack = Stack::new(116);
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let img = TestImage::create("api-drain");
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_rbdfence"))
+            .args(["serve", "--config"])
+            .arg(&stack.config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let listen = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("rbdfence serve did not start");
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let http = reqwest::Client::new();
+    let body = pre(&new_uuid(), &[&img]);
+    let url = format!("http://{listen}/v1/pre-instantiate");
+    let request = tokio::spawn(async move {
+        http.post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    common::signal(child.0.id() as i32, libc::SIGTERM);
+    let reply = request.await.unwrap();
+    let _g = guard(&reply);
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    let status = eventually(
+        "rbdfence serve exits after SIGTERM",
+        Duration::from_secs(20),
+        || {
+            let s = child.0.try_wait().unwrap();
+            async move { s }
+        },
+    )
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stack.ledger().contains(reply["fence_id"].as_str().unwrap()),
+        "recorded before the reply"
+    );
+}

@@ -39,7 +39,9 @@ use super::record::{
 };
 use super::ssh::{KillReport, Route, SshError, SshSettings, SshTarget};
 use super::vm::VmUuid;
-use crate::rbd::{BlocklistEntry, BlocklistItem, CephError, EntityAddr, ImageSpec, ImageStatus};
+use crate::rbd::{
+    BlocklistEntry, BlocklistItem, CephError, EntityAddr, ImageSpec, ImageStatus, Op,
+};
 
 /// The fence's stages, as timed and labelled in metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -365,7 +367,11 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                     watchers: s.watchers,
                     lock_owners: s.lock_owners,
                 }),
-                Some(Err(e)) if e.is_not_found() => {
+                // ENOENT from opening the pool or the image; a missing conf or keyring is not it.
+                Some(Err(e))
+                    if e.is_not_found()
+                        && matches!(e.op, Op::OpenImage | Op::IoCtxCreate | Op::ListWatchers) =>
+                {
                     Err(EvidenceFailure::ImageNotFound(e.to_string()))
                 }
                 Some(Err(e)) => Err(EvidenceFailure::CephUnavailable(e.to_string())),
