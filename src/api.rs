@@ -269,15 +269,20 @@ fn bounded_fence_timeout(svc: &Service) -> Duration {
 }
 
 async fn run_fence(svc: &Arc<Service>, req: FenceRequest) -> Result<FenceRecord, ApiError> {
-    tokio::time::timeout(bounded_fence_timeout(svc), svc.pre_instantiate(req))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "the fence did not finish in time; it is still recorded when it does",
-            )
-        })
+    match tokio::time::timeout(bounded_fence_timeout(svc), svc.pre_instantiate(req)).await {
+        Ok(Ok(record)) => Ok(record),
+        Ok(Err(reused)) => Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "request_id_reused",
+            message: reused.to_string(),
+            field: Some("request_id".into()),
+        }),
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the fence did not finish in time; it is still recorded when it does",
+        )),
+    }
 }
 
 async fn pre_instantiate(

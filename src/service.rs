@@ -19,6 +19,29 @@ use crate::metrics::Metrics;
 
 type FenceFuture = Shared<BoxFuture<'static, Arc<FenceRecord>>>;
 
+/// What makes two requests the same fence: the VM, its hosts, its volumes, and dry-run.
+type FenceKey = (VmUuid, String, String, Vec<String>, bool);
+
+fn key_of(req: &FenceRequest) -> FenceKey {
+    let mut volumes: Vec<String> = req.volumes.iter().map(ToString::to_string).collect();
+    volumes.sort();
+    (
+        req.vm.clone(),
+        req.failed_host.clone(),
+        req.target_host.clone(),
+        volumes,
+        req.dry_run,
+    )
+}
+
+/// A `request_id` already answered for a different request.
+#[derive(Debug, thiserror::Error)]
+#[error("request_id {request_id:?} was already used for another request (fence {fence_id})")]
+pub struct RequestIdReused {
+    pub request_id: String,
+    pub fence_id: String,
+}
+
 pub struct Service {
     pub engine: Arc<RealEngine>,
     pub link: Arc<CephLink>,
@@ -26,7 +49,7 @@ pub struct Service {
     pub config: Config,
     /// The bearer token every /v1 and /ha call needs, when configured.
     pub token: Option<String>,
-    in_flight: Mutex<HashMap<(VmUuid, bool), FenceFuture>>,
+    in_flight: Mutex<HashMap<FenceKey, FenceFuture>>,
     /// request_id → fence_id for requests that joined another request's fence.
     aliases: Mutex<HashMap<String, String>>,
     tracker: TaskTracker,
@@ -67,15 +90,33 @@ impl Service {
     }
 
     /// Answers one pre-instantiate request. A repeated `request_id` gets the recorded answer
-    /// without acting again; concurrent requests for the same VM share one fence. The fence
-    /// runs as its own task: it finishes and is recorded even if the caller disconnects.
-    pub async fn pre_instantiate(self: &Arc<Self>, req: FenceRequest) -> FenceRecord {
+    /// without acting again (an error if it named a different request); concurrent identical
+    /// requests share one fence. The fence runs as its own task: it finishes and is recorded
+    /// even if the caller disconnects.
+    pub async fn pre_instantiate(
+        self: &Arc<Self>,
+        req: FenceRequest,
+    ) -> Result<FenceRecord, RequestIdReused> {
+        let key = key_of(&req);
         if let Some(id) = &req.request_id
             && let Some(r) = self.replay(id)
         {
-            return r;
+            let recorded = FenceRequest {
+                request_id: r.request_id.clone(),
+                vm: r.vm_uuid.parse().unwrap_or_else(|_| req.vm.clone()),
+                failed_host: r.failed_host.clone(),
+                target_host: r.target_host.clone(),
+                volumes: r.volumes.iter().filter_map(|v| v.parse().ok()).collect(),
+                dry_run: r.dry_run,
+            };
+            if r.vm_uuid != req.vm.to_string() || key_of(&recorded) != key {
+                return Err(RequestIdReused {
+                    request_id: id.clone(),
+                    fence_id: r.reply.fence_id,
+                });
+            }
+            return Ok(r);
         }
-        let key = (req.vm.clone(), req.dry_run);
         let (fut, joined) = {
             let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&key) {
@@ -110,7 +151,7 @@ impl Service {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id.clone(), record.reply.fence_id.clone());
         }
-        (*record).clone()
+        Ok((*record).clone())
     }
 
     /// Stops taking fences and waits (bounded) for those in flight to be recorded.

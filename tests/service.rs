@@ -273,6 +273,13 @@ async fn e2e_pre_instantiate_approves_records_and_replays_without_acting_again()
         1.0
     );
 
+    // The same request_id for another request is a conflict, never the old approval.
+    let mut other = body.clone();
+    other["vm_uuid"] = json!(new_uuid());
+    let (status, conflict) = svc.post("/v1/pre-instantiate", &other).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["error"]["code"], "request_id_reused");
+
     // The ledger.
     let id = reply["fence_id"].as_str().unwrap();
     let (status, rec) = svc.get(&format!("/v1/fences/{id}")).await;

@@ -414,8 +414,10 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             let mut hosts = self.hosts();
             let st = hosts.entry(host.clone()).or_default();
             match &st.storage {
+                // Join only a fence still running: a finished one proves nothing about now.
                 Some((covered, fut))
-                    if entries.iter().all(|e| covered.iter().any(|c| c.covers(e))) =>
+                    if fut.peek().is_none()
+                        && entries.iter().all(|e| covered.iter().any(|c| c.covers(e))) =>
                 {
                     fut.clone()
                 }
