@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BlocklistGuard, Holder, TestImage, admin, eventually, rbd_status_watchers};
+use common::{BlocklistGuard, Holder, TestImage, admin, no_watchers, rbd_status_watchers};
 use rbdfence::rbd::{BlocklistEntry, Ceph, ConnectOptions, LockMode, Timeouts};
 
 const ESHUTDOWN: i32 = 108;
@@ -67,25 +67,15 @@ async fn read_only_open_adds_no_watcher_and_the_writer_owns_the_lock() {
 
 #[tokio::test]
 async fn a_frozen_holder_loses_its_watch_but_stays_lock_owner() {
-    let ceph = admin().await;
     let img = TestImage::create("frozen");
     let mut holder = Holder::start(&img, "127.0.0.23");
     holder.write(0, 0x11).unwrap();
     holder.freeze();
     // osd_client_watch_timeout is 5 s on the micro cluster.
-    let status = eventually(
+    let status = no_watchers(
         "the frozen holder's watch expires",
+        &img,
         Duration::from_secs(40),
-        || {
-            let ceph = ceph.clone();
-            let spec = img.spec.clone();
-            async move {
-                ceph.image_status(&spec)
-                    .await
-                    .ok()
-                    .filter(|s| s.watchers.is_empty())
-            }
-        },
     )
     .await;
     assert_eq!(
@@ -114,19 +104,10 @@ async fn blocklisting_the_exact_address_fences_the_holder() {
         .await
         .unwrap();
     ceph.wait_for_latest_osdmap().await.unwrap();
-    eventually(
+    no_watchers(
         "the fenced holder's watch is gone",
+        &img,
         Duration::from_secs(10),
-        || {
-            let ceph = ceph.clone();
-            let spec = img.spec.clone();
-            async move {
-                ceph.image_status(&spec)
-                    .await
-                    .ok()
-                    .filter(|s| s.watchers.is_empty())
-            }
-        },
     )
     .await;
     assert_eq!(holder.write(4096, 0x33), Err(ESHUTDOWN));

@@ -13,20 +13,7 @@ use std::time::Duration;
 use common::sshd::write_known_hosts_with_wrong_key;
 use common::stack::{Stack, new_uuid};
 use common::vm::{Vm, image_byte};
-use common::{BlocklistGuard, Holder, TestImage, admin, cluster, eventually};
-
-/// Lifts whatever a fence added, when the test ends.
-fn guard_for(reply: &serde_json::Value) -> BlocklistGuard {
-    let entries = reply["evidence"]["blocklist"]["entries"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    BlocklistGuard { entries }
-}
+use common::{BlocklistGuard, Holder, TestImage, admin, cluster};
 
 async fn listed(entry: &str) -> bool {
     admin()
@@ -39,20 +26,10 @@ async fn listed(entry: &str) -> bool {
 }
 
 async fn wait_no_watchers(img: &TestImage) {
-    let ceph = admin().await;
-    eventually(
+    common::no_watchers(
         "the frozen VM's watch expires",
+        img,
         Duration::from_secs(40),
-        || {
-            let ceph = ceph.clone();
-            let spec = img.spec.clone();
-            async move {
-                ceph.image_status(&spec)
-                    .await
-                    .ok()
-                    .filter(|s| s.watchers.is_empty())
-            }
-        },
     )
     .await;
 }
@@ -76,7 +53,7 @@ async fn e2e_empty_watcher_race_is_fenced_and_killed_through_a_sibling() {
     );
 
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let _guard = guard_for(&reply);
+    let _guard = BlocklistGuard::for_reply(&reply);
     assert_eq!(code, 0, "{reply:#}");
     assert_eq!(reply["decision"], "approve", "{reply:#}");
     assert_eq!(reply["outcome"], "success-killed");
@@ -117,7 +94,7 @@ async fn e2e_ssh_unreachable_is_approved_only_because_the_blocklist_holds() {
     vm.freeze();
 
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let _guard = guard_for(&reply);
+    let _guard = BlocklistGuard::for_reply(&reply);
     assert_eq!(code, 0, "{reply:#}");
     assert_eq!(
         (reply["decision"].as_str(), reply["outcome"].as_str()),
@@ -153,7 +130,7 @@ async fn e2e_a_watcher_elsewhere_denies_without_touching_anything() {
     let before = admin().await.blocklist_ls().await.unwrap();
 
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let _guard = guard_for(&reply);
+    let _guard = BlocklistGuard::for_reply(&reply);
     assert_eq!(code, 1);
     assert_eq!(
         (reply["decision"].as_str(), reply["reason"].as_str()),
@@ -182,7 +159,7 @@ async fn e2e_a_vm_already_gone_is_success_already_dead() {
     assert!(vm.wait_gone(Duration::from_secs(5)));
 
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let _guard = guard_for(&reply);
+    let _guard = BlocklistGuard::for_reply(&reply);
     assert_eq!(code, 0, "{reply:#}");
     assert_eq!(reply["outcome"], "success-already-dead", "{reply:#}");
     assert_eq!(reply["evidence"]["kill"]["qemu_found"], false);
@@ -206,7 +183,7 @@ async fn e2e_a_wrong_host_key_is_never_reachable() {
     vm.write(0, 0x22);
 
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let guard = guard_for(&reply);
+    let guard = BlocklistGuard::for_reply(&reply);
     assert_eq!(code, 0, "{reply:#}");
     assert_eq!(reply["outcome"], "success-ssh-unreachable", "{reply:#}");
     assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
@@ -263,7 +240,7 @@ async fn e2e_a_wrong_host_key_is_never_reachable() {
     std::fs::write(&conf, text + "\n").unwrap();
     stack.write_config(&user, &conf);
     let (code, reply) = stack.fence(&uuid, &[&img]);
-    let _guard = guard_for(&reply);
+    let _guard = BlocklistGuard::for_reply(&reply);
     let _ = Command::new("ceph")
         .arg("--conf")
         .arg(&cluster().conf)

@@ -81,18 +81,6 @@ fn pre(vm: &str, volumes: &[&TestImage]) -> Value {
            "volumes": volumes.iter().map(|v| v.name()).collect::<Vec<_>>()})
 }
 
-fn guard(reply: &Value) -> BlocklistGuard {
-    let entries = reply["evidence"]["blocklist"]["entries"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    BlocklistGuard { entries }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_400_naming_the_field_and_change_nothing() {
     let mut stack = Stack::new(91);
@@ -237,7 +225,7 @@ async fn e2e_pre_instantiate_approves_records_and_replays_without_acting_again()
     let mut body = pre(&uuid, &[&img]);
     body["request_id"] = json!("r-e2e-1");
     let (status, reply) = svc.post("/v1/pre-instantiate", &body).await;
-    let _g = guard(&reply);
+    let _g = BlocklistGuard::for_reply(&reply);
     assert_eq!(status, 200, "{reply}");
     assert_eq!(
         (reply["decision"].as_str(), reply["outcome"].as_str()),
@@ -350,7 +338,7 @@ async fn e2e_concurrent_requests_for_one_host_share_the_fence_and_the_session() 
         replies.push(reply);
     }
     let (_, dup) = dup.await.unwrap();
-    let _guards: Vec<BlocklistGuard> = replies.iter().map(guard).collect();
+    let _guards: Vec<BlocklistGuard> = replies.iter().map(BlocklistGuard::for_reply).collect();
     for r in &replies {
         assert_eq!(r["outcome"], "success-killed", "{r:#}");
     }
@@ -762,7 +750,7 @@ async fn e2e_sigterm_lets_fences_in_flight_finish() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     common::signal(child.0.id() as i32, libc::SIGTERM);
     let reply = request.await.unwrap();
-    let _g = guard(&reply);
+    let _g = BlocklistGuard::for_reply(&reply);
     assert_eq!(
         (reply["decision"].as_str(), reply["outcome"].as_str()),
         (Some("approve"), Some("success-ssh-unreachable")),

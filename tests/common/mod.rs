@@ -327,3 +327,39 @@ impl Drop for BlocklistGuard {
         }
     }
 }
+
+/// Waits until `img` has no watchers (a frozen client's watch expiring, a fenced one's
+/// dropped) and returns the status then seen.
+pub async fn no_watchers(
+    what: &str,
+    img: &TestImage,
+    within: Duration,
+) -> rbdfence::rbd::ImageStatus {
+    let ceph = admin().await;
+    eventually(what, within, || {
+        let ceph = ceph.clone();
+        let spec = img.spec.clone();
+        async move {
+            ceph.image_status(&spec)
+                .await
+                .ok()
+                .filter(|s| s.watchers.is_empty())
+        }
+    })
+    .await
+}
+
+impl BlocklistGuard {
+    /// Lifts whatever a fence reply says it blocklisted, when the test ends.
+    pub fn for_reply(reply: &serde_json::Value) -> BlocklistGuard {
+        let entries = reply["evidence"]["blocklist"]["entries"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        BlocklistGuard { entries }
+    }
+}
