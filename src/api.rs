@@ -438,6 +438,9 @@ struct UnfenceBody {
     /// Also lift exact `IP:PORT/NONCE` entries on the host's addresses (default true).
     #[serde(default)]
     include_exact: Option<bool>,
+    /// Lift even though a fence of this host approved without seeing its VM's qemu gone.
+    #[serde(default)]
+    force: bool,
 }
 
 /// Lifts every blocklist entry on a host's storage addresses. Only for hosts whose VMs are
@@ -463,6 +466,26 @@ async fn unfence(
             format!("host {uuid} is not in the inventory"),
         ));
     };
+    // The blocklist is all that stops a VM whose qemu was never seen gone: refuse to lift it
+    // unless the operator says they checked.
+    let unconfirmed: Vec<String> = svc
+        .engine
+        .ledger
+        .recent(crate::fence::ledger::MEMORY_LIMIT)
+        .into_iter()
+        .filter(|r| r.failed_host == uuid && r.reply.outcome == "success-ssh-unreachable")
+        .map(|r| r.vm_uuid)
+        .collect();
+    if !unconfirmed.is_empty() && !opts.force {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            code: "vms_not_confirmed_gone",
+            message: format!(
+                "fences of {uuid} approved on the blocklist alone for VMs {unconfirmed:?}: their qemu was never seen gone; check the host, then send {{\"force\":true}}"
+            ),
+            field: Some("force".into()),
+        });
+    }
     let ceph = svc.link.ceph().map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -771,3 +771,40 @@ async fn e2e_sigterm_lets_fences_in_flight_finish() {
         "recorded before the reply"
     );
 }
+
+/// A host fenced on the blocklist alone (its qemu never seen gone) is not unfenced unless
+/// the operator forces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_unfence_refuses_while_a_vm_was_never_seen_gone() {
+    let stack = Stack::new(119);
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let svc = Running::start(&stack).await;
+    let img = TestImage::create("api-unfence");
+    let (status, reply) = svc
+        .post("/v1/pre-instantiate", &pre(&new_uuid(), &[&img]))
+        .await;
+    let _g = BlocklistGuard::for_reply(&reply);
+    assert_eq!(
+        (status, reply["outcome"].as_str()),
+        (200, Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    let (status, refused) = svc.post("/v1/hosts/h1/unfence", &json!({})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "vms_not_confirmed_gone");
+    assert!(
+        admin()
+            .await
+            .blocklist_ls()
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.entry == "127.0.0.119:0/0"),
+        "still fenced"
+    );
+    let (status, lifted) = svc
+        .post("/v1/hosts/h1/unfence", &json!({"force": true}))
+        .await;
+    assert_eq!(status, 200, "{lifted}");
+    assert_eq!(lifted["lifted"], json!(["127.0.0.119:0/0"]));
+}
