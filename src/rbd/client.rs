@@ -12,7 +12,7 @@ use super::addr::{BlocklistEntry, EntityAddr};
 use super::blocklist::BlocklistItem;
 use super::cluster::{ConnectOptions, Rados};
 use super::error::{CephError, Op};
-use super::image::{Image, ImageSpec, ImageStatus};
+use super::image::{HeaderObject, Image, ImageSpec, ImageStatus};
 use super::ioctx::IoCtx;
 
 /// Slack on top of Ceph's own timeout before tokio gives up on a call: Ceph's bound should
@@ -26,7 +26,26 @@ const IMAGE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Images kept open at most (the cache is emptied when it is full).
 const IMAGE_CACHE_MAX: usize = 4096;
 
-type ImageCache = Mutex<HashMap<ImageSpec, (Arc<Mutex<Image>>, std::time::Instant)>>;
+/// An observed image: its read-only handle and (format 2) its header object.
+#[derive(Clone)]
+struct CachedImage {
+    image: Arc<Mutex<Image>>,
+    header: Option<HeaderObject>,
+}
+
+type ImageCache = Mutex<HashMap<ImageSpec, (CachedImage, std::time::Instant)>>;
+
+fn cache_get(images: &ImageCache, spec: &ImageSpec) -> Option<CachedImage> {
+    let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
+    match map.get(spec) {
+        Some((img, at)) if at.elapsed() < IMAGE_CACHE_TTL => Some(img.clone()),
+        Some(_) => {
+            map.remove(spec);
+            None
+        }
+        None => None,
+    }
+}
 
 /// Told of every Ceph call's result (metrics hook).
 pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
@@ -86,28 +105,76 @@ impl Ceph {
 
     /// Watchers and lock owners of one image, from a read-only open (which adds no watcher).
     /// The open image is kept for a while: both lists are read live from the header object
-    /// on every call (one OSD op each); an image that was removed (or replaced) since is
-    /// reopened once.
+    /// on every call (one OSD op each, run concurrently); an image that was removed (or
+    /// replaced) since is reopened once.
     pub async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        let pools = self.pools.clone();
-        let images = self.images.clone();
-        let spec = spec.clone();
-        self.call(Op::ListWatchers, spec.to_string(), move |rados| {
-            let (image, cached) = cached_image(&images, &pools, rados, &spec)?;
-            let status = image.lock().unwrap_or_else(|p| p.into_inner()).status();
-            match status {
-                Err(e) if cached && e.is_not_found() => {
-                    images
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&spec);
-                    let (image, _) = cached_image(&images, &pools, rados, &spec)?;
-                    image.lock().unwrap_or_else(|p| p.into_inner()).status()
-                }
-                other => other,
+        let (image, cached) = self.open_cached(spec).await?;
+        match self.status_of(spec, image).await {
+            Err(e) if cached && e.is_not_found() => {
+                self.images
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(spec);
+                let (image, _) = self.open_cached(spec).await?;
+                self.status_of(spec, image).await
             }
+            other => other,
+        }
+    }
+
+    /// The cached read-only handle of `spec` (no I/O), or a new one opened on the blocking
+    /// pool; `true` when it came from the cache.
+    async fn open_cached(&self, spec: &ImageSpec) -> Result<(CachedImage, bool), CephError> {
+        if let Some(hit) = cache_get(&self.images, spec) {
+            return Ok((hit, true));
+        }
+        let (pools, images, spec) = (self.pools.clone(), self.images.clone(), spec.clone());
+        let opened = self
+            .call(Op::OpenImage, spec.to_string(), move |rados| {
+                let ioctx = ioctx_for(&pools, rados, &spec.pool)?;
+                let image = Image::open_read_only(ioctx, &spec.image)?;
+                let entry = CachedImage {
+                    header: image.header(),
+                    image: Arc::new(Mutex::new(image)),
+                };
+                let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= IMAGE_CACHE_MAX {
+                    map.clear();
+                }
+                map.insert(spec.clone(), (entry.clone(), std::time::Instant::now()));
+                Ok(entry)
+            })
+            .await?;
+        Ok((opened, false))
+    }
+
+    /// Watchers (on the image handle) and lock owners (on the header object) at once.
+    async fn status_of(
+        &self,
+        spec: &ImageSpec,
+        image: CachedImage,
+    ) -> Result<ImageStatus, CephError> {
+        let handle = image.image.clone();
+        let watchers = self.call(Op::ListWatchers, spec.to_string(), move |_| {
+            handle.lock().unwrap_or_else(|p| p.into_inner()).watchers()
+        });
+        let lock_owners = self.call(Op::ListLockers, spec.to_string(), move |_| {
+            match &image.header {
+                Some(h) => h.lock_owners(),
+                None => image
+                    .image
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .lock_owners(),
+            }
+        });
+        let (watchers, lock_owners) = tokio::join!(watchers, lock_owners);
+        // Watchers first: a missing image shows there (ENOENT), while a header with no lock
+        // answers an empty owner list.
+        Ok(ImageStatus {
+            watchers: watchers?,
+            lock_owners: lock_owners?,
         })
-        .await
     }
 
     pub async fn blocklist_add(
@@ -159,33 +226,6 @@ impl Ceph {
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
         ioctx_for(&self.pools, &self.rados, pool)
     }
-}
-
-/// The cached read-only handle of `spec`, or a new one; `true` when it came from the cache.
-fn cached_image(
-    images: &ImageCache,
-    pools: &Mutex<HashMap<String, Arc<IoCtx>>>,
-    rados: &Arc<Rados>,
-    spec: &ImageSpec,
-) -> Result<(Arc<Mutex<Image>>, bool), CephError> {
-    {
-        let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(spec) {
-            Some((img, at)) if at.elapsed() < IMAGE_CACHE_TTL => return Ok((img.clone(), true)),
-            Some(_) => {
-                map.remove(spec);
-            }
-            None => {}
-        }
-    }
-    let ioctx = ioctx_for(pools, rados, &spec.pool)?;
-    let image = Arc::new(Mutex::new(Image::open_read_only(ioctx, &spec.image)?));
-    let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= IMAGE_CACHE_MAX {
-        map.clear();
-    }
-    map.insert(spec.clone(), (image.clone(), std::time::Instant::now()));
-    Ok((image, false))
 }
 
 /// One IoCtx per pool for the life of the connection: creating one is a round trip for the

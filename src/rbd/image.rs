@@ -285,34 +285,23 @@ impl Image {
     ///
     /// Implements: `rados_list_lockers` (format 2), `rbd_list_lockers` (format 1).
     pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
-        let header = self.header_oid.as_ref();
-        list_lockers(
-            &self.spec,
-            |ex, tag, tl, cl, cls, kl, kls, al, als| match header {
-                // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated object and lock
-                // names; each buffer is as long as the length passed with it.
-                Some(oid) => unsafe {
-                    ffi::rados_list_lockers(
-                        self.ioctx.as_ptr(),
-                        oid.as_ptr(),
-                        RBD_LOCK_NAME.as_ptr(),
-                        ex,
-                        tag,
-                        tl,
-                        cl,
-                        cls,
-                        kl,
-                        kls,
-                        al,
-                        als,
-                    )
-                },
-                // SAFETY: valid open image; each buffer is as long as the length passed with it.
-                None => unsafe {
-                    ffi::rbd_list_lockers(self.ptr, ex, tag, tl, cl, cls, kl, kls, al, als)
-                },
-            },
-        )
+        if let Some(h) = self.header() {
+            return h.lock_owners();
+        }
+        list_lockers(&self.spec, |ex, tag, tl, cl, cls, kl, kls, al, als| {
+            // SAFETY: valid open image; each buffer is as long as the length passed with it.
+            unsafe { ffi::rbd_list_lockers(self.ptr, ex, tag, tl, cl, cls, kl, kls, al, als) }
+        })
+    }
+
+    /// The image's header object (format 2), for reading its lock owners without the image
+    /// handle — concurrently with a watcher listing on the handle.
+    pub fn header(&self) -> Option<HeaderObject> {
+        self.header_oid.as_ref().map(|oid| HeaderObject {
+            ioctx: self.ioctx.clone(),
+            oid: oid.clone(),
+            spec: self.spec.clone(),
+        })
     }
 
     /// Watchers and lock owners in one go.
@@ -320,6 +309,42 @@ impl Image {
         Ok(ImageStatus {
             watchers: self.watchers()?,
             lock_owners: self.lock_owners()?,
+        })
+    }
+}
+
+/// A format-2 image's header object (`rbd_header.<id>`) in its pool.
+#[derive(Clone)]
+pub struct HeaderObject {
+    ioctx: Arc<IoCtx>,
+    oid: CString,
+    spec: String,
+}
+
+impl HeaderObject {
+    /// The holders of the image's lock (`rbd_lock`), read live from the object.
+    ///
+    /// Implements: `rados_list_lockers`.
+    pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
+        list_lockers(&self.spec, |ex, tag, tl, cl, cls, kl, kls, al, als| {
+            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated object and lock
+            // names; each buffer is as long as the length passed with it.
+            unsafe {
+                ffi::rados_list_lockers(
+                    self.ioctx.as_ptr(),
+                    self.oid.as_ptr(),
+                    RBD_LOCK_NAME.as_ptr(),
+                    ex,
+                    tag,
+                    tl,
+                    cl,
+                    cls,
+                    kl,
+                    kls,
+                    al,
+                    als,
+                )
+            }
         })
     }
 }

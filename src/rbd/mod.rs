@@ -35,5 +35,7 @@ pub use blocklist::{BlocklistItem, ceph_time_to_rfc3339};
 pub use client::Ceph;
 pub use cluster::{ConnectOptions, LibraryVersions, Rados, Timeouts, library_versions};
 pub use error::{CephError, Op};
-pub use image::{Image, ImageSpec, ImageSpecError, ImageStatus, LockMode, LockOwner, Watcher};
+pub use image::{
+    HeaderObject, Image, ImageSpec, ImageSpecError, ImageStatus, LockMode, LockOwner, Watcher,
+};
 pub use ioctx::IoCtx;
