@@ -123,13 +123,25 @@ fn route_name(route: &Route<'_>) -> String {
 }
 
 impl KillPort for FakeKiller {
-    async fn kill(&self, route: Route<'_>, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
+    /// The route the session was opened on.
+    type Session = String;
+
+    async fn connect(&self, route: Route<'_>) -> Result<String, SshError> {
         let name = route_name(&route);
+        self.log.lock().unwrap().push(format!("connect {name}"));
+        (self.answer)(&name).map(|_| name)
+    }
+
+    async fn kill(&self, session: &String, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
         self.log
             .lock()
             .unwrap()
-            .push(format!("kill {name} x{}", vms.len()));
-        vms.iter().map(|_| (self.answer)(&name)).collect()
+            .push(format!("kill {session} x{}", vms.len()));
+        vms.iter().map(|_| (self.answer)(session)).collect()
+    }
+
+    async fn close(&self, session: String) {
+        self.log.lock().unwrap().push(format!("close {session}"));
     }
 }
 
@@ -275,18 +287,23 @@ async fn an_unusable_sibling_is_skipped_then_the_target_then_direct() {
     });
     let r = s.engine.fence(&request()).await;
     assert_eq!(r.reply.outcome, "success-killed");
+    let connects: Vec<String> = calls(&s.log)
+        .into_iter()
+        .filter(|c| c.starts_with("connect"))
+        .collect();
+    assert_eq!(
+        connects,
+        vec![
+            "connect via h3 to h1",
+            "connect via h2 to h1",
+            "connect direct h1"
+        ]
+    );
     let kills: Vec<String> = calls(&s.log)
         .into_iter()
         .filter(|c| c.starts_with("kill"))
         .collect();
-    assert_eq!(
-        kills,
-        vec![
-            "kill via h3 to h1 x1",
-            "kill via h2 to h1 x1",
-            "kill direct h1 x1"
-        ]
-    );
+    assert_eq!(kills, vec!["kill direct h1 x1"]);
     assert_eq!(r.reply.evidence.kill.unwrap().role, ExecutorRole::Direct);
 }
 
@@ -299,11 +316,15 @@ async fn the_failed_host_unreachable_from_a_working_sibling_ends_the_search() {
         (r.reply.decision.as_str(), r.reply.outcome.as_str()),
         ("approve", "success-ssh-unreachable")
     );
-    let kills: Vec<String> = calls(&s.log)
+    let connects: Vec<String> = calls(&s.log)
         .into_iter()
-        .filter(|c| c.starts_with("kill"))
+        .filter(|c| c.starts_with("connect"))
         .collect();
-    assert_eq!(kills, vec!["kill via h3 to h1 x1"]);
+    assert_eq!(connects, vec!["connect via h3 to h1"]);
+    assert!(
+        !calls(&s.log).iter().any(|c| c.starts_with("kill")),
+        "no session, no kill command"
+    );
     assert!(!r.reply.evidence.kill.unwrap().ssh_reachable);
 }
 

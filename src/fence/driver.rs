@@ -6,6 +6,12 @@
 //! [`Observed`], and asks again until the decision comes. The decision is recorded in the
 //! [`Ledger`] with its evidence; only then is the reply returned.
 //!
+//! The SSH session to the failed host is opened at the start, in parallel with the evidence
+//! and the storage fence (connecting changes nothing on the hosts); the kill command runs on
+//! it only when the decision asks for the kill step, which is after the storage fence step.
+//! Requests for VMs of one failed host share the storage fence, the session and one kill
+//! command. A dry run opens no session.
+//!
 //! # Guarantees
 //! Every stage runs under its own timeout and under the whole fence's deadline, so a fence
 //! always ends, within `deadline` plus a small slack. A stage that times out is a failed
@@ -84,14 +90,21 @@ pub trait CephPort: Clone + Send + Sync + 'static {
     fn osdmap_epoch(&self) -> impl Future<Output = Result<u64, CephError>> + Send;
 }
 
-/// What the fence needs from SSH: one session on one route that kills the qemus of `vms`
-/// (all on the route's target host), one report per VM in the same order.
+/// What the fence needs from SSH: a verified session on one route (which changes nothing on
+/// the hosts), and the kill command run on it for the qemus of `vms` (all on the route's target
+/// host), one report per VM in the same order.
 pub trait KillPort: Clone + Send + Sync + 'static {
-    fn kill(
+    type Session: Send + Sync + 'static;
+    fn connect(
         &self,
         route: Route<'_>,
+    ) -> impl Future<Output = Result<Self::Session, SshError>> + Send;
+    fn kill(
+        &self,
+        session: &Self::Session,
         vms: &[VmUuid],
     ) -> impl Future<Output = Result<Vec<KillReport>, SshError>> + Send;
+    fn close(&self, session: Self::Session) -> impl Future<Output = ()> + Send;
 }
 
 /// Told of every SSH session's result (metrics hook): `ok` or the error's bounded label.
@@ -104,13 +117,37 @@ pub struct SshKiller {
     pub observer: Option<SessionObserver>,
 }
 
-impl KillPort for SshKiller {
-    async fn kill(&self, route: Route<'_>, vms: &[VmUuid]) -> Result<Vec<KillReport>, SshError> {
-        let r = super::ssh::kill_qemus(&self.settings, route, vms).await;
+impl SshKiller {
+    fn observe(&self, label: &'static str) {
         if let Some(obs) = &self.observer {
-            obs(r.as_ref().map(|_| "ok").unwrap_or_else(SshError::label));
+            obs(label);
+        }
+    }
+}
+
+impl KillPort for SshKiller {
+    type Session = super::ssh::Connected;
+
+    async fn connect(&self, route: Route<'_>) -> Result<Self::Session, SshError> {
+        let r = super::ssh::connect(&self.settings, route).await;
+        if let Err(e) = &r {
+            self.observe(e.label());
         }
         r
+    }
+
+    async fn kill(
+        &self,
+        session: &Self::Session,
+        vms: &[VmUuid],
+    ) -> Result<Vec<KillReport>, SshError> {
+        let r = session.kill_qemus(&self.settings, vms).await;
+        self.observe(r.as_ref().map(|_| "ok").unwrap_or_else(SshError::label));
+        r
+    }
+
+    async fn close(&self, session: Self::Session) {
+        session.close().await;
     }
 }
 
@@ -166,6 +203,45 @@ pub const KILL_GATHER_WINDOW: Duration = Duration::from_millis(20);
 type StorageFuture = Shared<BoxFuture<'static, Arc<StorageOutcome>>>;
 /// One SSH session for a batch of VMs of one host.
 type KillFuture = Shared<BoxFuture<'static, Arc<BatchOutcome>>>;
+/// A session to a failed host, opened (by a spawned task) while the fence gathers evidence
+/// and fences storage.
+type ConnectFuture<S> = Shared<BoxFuture<'static, Arc<Connection<S>>>>;
+
+/// The outcome of opening a session along the route walk.
+enum Connection<S> {
+    /// Verified and logged in; `session` is taken by the kill batch that uses it.
+    Ready {
+        executor: Option<String>,
+        role: ExecutorRole,
+        notes: Vec<String>,
+        session: Mutex<Option<S>>,
+    },
+    /// No verified session to the failed host.
+    Unreachable {
+        executor: Option<String>,
+        role: ExecutorRole,
+        detail: String,
+    },
+}
+
+impl<S> Connection<S> {
+    /// Connected, and its session already taken by a kill batch.
+    fn taken(fut: &ConnectFuture<S>) -> bool {
+        matches!(fut.peek().map(|c| c.as_ref()), Some(Connection::Ready { session, .. })
+            if session.lock().unwrap_or_else(|p| p.into_inner()).is_none())
+    }
+
+    /// Still worth joining: connecting, or connected and not used yet.
+    fn usable(fut: &ConnectFuture<S>) -> bool {
+        match fut.peek().map(|c| c.as_ref()) {
+            None => true,
+            Some(Connection::Ready { session, .. }) => {
+                session.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+            }
+            Some(Connection::Unreachable { .. }) => false,
+        }
+    }
+}
 
 struct StorageOutcome {
     result: Result<u64, String>,
@@ -195,20 +271,30 @@ enum BatchOutcome {
     },
 }
 
-#[derive(Default)]
-struct HostState {
+struct HostState<S> {
     storage: Option<(Vec<BlocklistEntry>, StorageFuture)>,
     kill: Option<KillBatch>,
+    connection: Option<ConnectFuture<S>>,
 }
 
-pub struct Engine<C, K> {
+impl<S> Default for HostState<S> {
+    fn default() -> Self {
+        HostState {
+            storage: None,
+            kill: None,
+            connection: None,
+        }
+    }
+}
+
+pub struct Engine<C, K: KillPort> {
     pub ceph: C,
     pub killer: K,
     pub inventory: Inventory,
     pub settings: FenceSettings,
     pub ledger: Ledger,
     pub observer: Option<Arc<dyn FenceObserver>>,
-    hosts: Mutex<HashMap<String, HostState>>,
+    hosts: Mutex<HashMap<String, HostState<K::Session>>>,
 }
 
 /// Runs `fut` with at most `limit`, and never past `deadline`.
@@ -261,7 +347,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         self
     }
 
-    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostState>> {
+    fn hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostState<K::Session>>> {
         self.hosts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -273,6 +359,14 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let deadline = started + self.settings.deadline;
         let failed = self.inventory.get(&req.failed_host);
         let own_addrs = self.ceph.own_addrs();
+        // Open the SSH session while evidence and the storage fence run: connecting changes
+        // nothing on the hosts, and the kill command still runs only after the storage step.
+        let prepared = match failed {
+            Some(host) if !req.dry_run && self.inventory.get(&req.target_host).is_some() => {
+                Some(self.connection(host, &req.target_host))
+            }
+            _ => None,
+        };
         let ctx = Context {
             failed,
             target_known: self.inventory.get(&req.target_host).is_some()
@@ -302,7 +396,10 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                     let t = Instant::now();
                     // `Kill` is only asked for once the failed host is known.
                     let kill = match failed {
-                        Some(host) => self.kill(host, &req.target_host, &req.vm, deadline).await,
+                        Some(host) => {
+                            self.kill(host, &req.target_host, &req.vm, deadline, prepared.clone())
+                                .await
+                        }
                         None => unreachable_kill("failed host unknown"),
                     };
                     obs.kill = Some(kill);
@@ -462,6 +559,55 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         }
     }
 
+    /// The failed host's session being opened (or opened and unused), or a new one.
+    fn connection(&self, failed: &Host, target: &str) -> ConnectFuture<K::Session> {
+        let mut hosts = self.hosts();
+        let st = hosts.entry(failed.uuid.clone()).or_default();
+        self.connection_locked(st, failed, target)
+    }
+
+    fn connection_locked(
+        &self,
+        st: &mut HostState<K::Session>,
+        failed: &Host,
+        target: &str,
+    ) -> ConnectFuture<K::Session> {
+        if let Some(c) = &st.connection
+            && Connection::usable(c)
+        {
+            return c.clone();
+        }
+        let executors: Vec<Host> = self
+            .inventory
+            .kill_executors(failed, Some(target))
+            .into_iter()
+            .cloned()
+            .collect();
+        let fut = connect_route(
+            self.killer.clone(),
+            failed.clone(),
+            executors,
+            target.to_string(),
+        )
+        .boxed()
+        .shared();
+        // A task drives it (nobody may await it for a while) and closes the session if no
+        // kill batch took it within the fence deadline.
+        let (killer, linger, driven) = (self.killer.clone(), self.settings.deadline, fut.clone());
+        tokio::spawn(async move {
+            let c = driven.await;
+            tokio::time::sleep(linger).await;
+            if let Connection::Ready { session, .. } = c.as_ref() {
+                let unused = session.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(s) = unused {
+                    killer.close(s).await;
+                }
+            }
+        });
+        st.connection = Some(fut.clone());
+        fut
+    }
+
     /// Kills `vm`'s qemu on `failed`: joins the host's open kill batch (one SSH session for
     /// many VMs) or opens one. See [`kill_batch`] for the route.
     async fn kill(
@@ -470,6 +616,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         target: &str,
         vm: &VmUuid,
         deadline: Instant,
+        prepared: Option<ConnectFuture<K::Session>>,
     ) -> KillObservation {
         let fut = {
             let mut hosts = self.hosts();
@@ -493,8 +640,15 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                         .into_iter()
                         .cloned()
                         .collect();
+                    // This fence's own session attempt, even a failed one: a retry moments
+                    // later would only double the wait.
+                    let connection = match prepared {
+                        Some(c) if !Connection::taken(&c) => c,
+                        _ => self.connection_locked(st, failed, target),
+                    };
                     let fut = kill_batch(
                         self.killer.clone(),
+                        connection,
                         failed.clone(),
                         executors,
                         target.to_string(),
@@ -665,28 +819,19 @@ async fn storage_fence<C: CephPort>(
     })
 }
 
-/// One SSH session for every VM that joins within [`KILL_GATHER_WINDOW`]: tries each sibling
-/// of the failed host as a jump host (the HA target last), then a direct session. A sibling
-/// that cannot be used itself is skipped; an answer about the failed host (including
-/// "unreachable from a working sibling") ends the search.
-async fn kill_batch<K: KillPort>(
+/// Opens a session to the failed host: tries each sibling as a jump host (the HA target
+/// last), then a direct session. A sibling that cannot be used itself is skipped; an answer
+/// about the failed host (including "unreachable from a working sibling") ends the search.
+async fn connect_route<K: KillPort>(
     killer: K,
     failed: Host,
     executors: Vec<Host>,
     target: String,
-    vms: Arc<Mutex<Option<Vec<VmUuid>>>>,
-) -> Arc<BatchOutcome> {
-    tokio::time::sleep(KILL_GATHER_WINDOW).await;
-    let vms = vms
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_default();
+) -> Arc<Connection<K::Session>> {
     let failed_t = SshTarget {
         host_uuid: failed.uuid.clone(),
         addr: failed.ssh,
     };
-    let reports = |list: Vec<KillReport>| vms.iter().cloned().zip(list).collect::<HashMap<_, _>>();
     let mut notes = Vec::new();
     for jump in &executors {
         let jump_t = SshTarget {
@@ -699,21 +844,18 @@ async fn kill_batch<K: KillPort>(
             ExecutorRole::Sibling
         };
         match killer
-            .kill(
-                Route::Via {
-                    jump: &jump_t,
-                    target: &failed_t,
-                },
-                &vms,
-            )
+            .connect(Route::Via {
+                jump: &jump_t,
+                target: &failed_t,
+            })
             .await
         {
-            Ok(list) => {
-                return Arc::new(BatchOutcome::Reports {
+            Ok(session) => {
+                return Arc::new(Connection::Ready {
                     executor: Some(jump.uuid.clone()),
                     role,
                     notes,
-                    reports: reports(list),
+                    session: Mutex::new(Some(session)),
                 });
             }
             Err(e) if e.peer().is_none_or(|p| p.host_uuid == jump.uuid) => {
@@ -721,7 +863,7 @@ async fn kill_batch<K: KillPort>(
             }
             Err(e) => {
                 notes.push(e.to_string());
-                return Arc::new(BatchOutcome::Unreachable {
+                return Arc::new(Connection::Unreachable {
                     executor: Some(jump.uuid.clone()),
                     role,
                     detail: notes.join("; "),
@@ -729,21 +871,108 @@ async fn kill_batch<K: KillPort>(
             }
         }
     }
-    match killer.kill(Route::Direct(&failed_t), &vms).await {
-        Ok(list) => Arc::new(BatchOutcome::Reports {
+    match killer.connect(Route::Direct(&failed_t)).await {
+        Ok(session) => Arc::new(Connection::Ready {
             executor: None,
             role: ExecutorRole::Direct,
             notes,
-            reports: reports(list),
+            session: Mutex::new(Some(session)),
         }),
         Err(e) => {
             notes.push(format!("direct: {e}"));
-            Arc::new(BatchOutcome::Unreachable {
+            Arc::new(Connection::Unreachable {
                 executor: None,
                 role: ExecutorRole::Direct,
                 detail: notes.join("; "),
             })
         }
+    }
+}
+
+/// One kill command for every VM that joins within [`KILL_GATHER_WINDOW`], on the host's
+/// session (opened while the fence ran its earlier steps; a new one if another batch took it).
+async fn kill_batch<K: KillPort>(
+    killer: K,
+    connection: ConnectFuture<K::Session>,
+    failed: Host,
+    executors: Vec<Host>,
+    target: String,
+    vms: Arc<Mutex<Option<Vec<VmUuid>>>>,
+) -> Arc<BatchOutcome> {
+    tokio::time::sleep(KILL_GATHER_WINDOW).await;
+    let vms = vms
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    let mut conn = connection.await;
+    let taken = match conn.as_ref() {
+        Connection::Ready { session, .. } => {
+            session.lock().unwrap_or_else(|p| p.into_inner()).take()
+        }
+        Connection::Unreachable { .. } => None,
+    };
+    let session = match taken {
+        Some(s) => Some(s),
+        None if matches!(conn.as_ref(), Connection::Ready { .. }) => {
+            // Another batch is using that session: open one for this batch.
+            conn = connect_route(killer.clone(), failed, executors, target).await;
+            match conn.as_ref() {
+                Connection::Ready { session, .. } => {
+                    session.lock().unwrap_or_else(|p| p.into_inner()).take()
+                }
+                Connection::Unreachable { .. } => None,
+            }
+        }
+        None => None,
+    };
+    match (conn.as_ref(), session) {
+        (
+            Connection::Ready {
+                executor,
+                role,
+                notes,
+                ..
+            },
+            Some(session),
+        ) => {
+            let result = killer.kill(&session, &vms).await;
+            killer.close(session).await;
+            match result {
+                Ok(list) => Arc::new(BatchOutcome::Reports {
+                    executor: executor.clone(),
+                    role: *role,
+                    notes: notes.clone(),
+                    reports: vms.iter().cloned().zip(list).collect(),
+                }),
+                Err(e) => {
+                    let mut detail = notes.clone();
+                    detail.push(e.to_string());
+                    Arc::new(BatchOutcome::Unreachable {
+                        executor: executor.clone(),
+                        role: *role,
+                        detail: detail.join("; "),
+                    })
+                }
+            }
+        }
+        (
+            Connection::Unreachable {
+                executor,
+                role,
+                detail,
+            },
+            _,
+        ) => Arc::new(BatchOutcome::Unreachable {
+            executor: executor.clone(),
+            role: *role,
+            detail: detail.clone(),
+        }),
+        (Connection::Ready { executor, role, .. }, None) => Arc::new(BatchOutcome::Unreachable {
+            executor: executor.clone(),
+            role: *role,
+            detail: "no SSH session left for this batch".into(),
+        }),
     }
 }
 

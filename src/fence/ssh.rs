@@ -603,82 +603,131 @@ pub async fn kill_qemus(
             max: MAX_KILL_BATCH,
         });
     }
-    let mut unique: Vec<VmUuid> = Vec::with_capacity(vms.len());
-    for vm in vms {
-        if !unique.contains(vm) {
-            unique.push(vm.clone());
-        }
-    }
-    let started = Instant::now();
-    let target = route.target();
-    let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let reports = match kill_over_route(settings, route, &unique).await {
-        Ok(reports) => reports,
-        Err(e) => {
-            tracing::warn!(
-                host = %target.host_uuid, addr = %target.addr, vms = unique.len(),
-                first_vm = %unique[0], error = %e, label = e.label(), elapsed_ms = elapsed_ms(),
-                "ssh kill step failed"
-            );
-            return Err(e);
-        }
-    };
-    for (vm, report) in unique.iter().zip(&reports) {
-        tracing::info!(
-            host = %target.host_uuid, addr = %target.addr, vm = %vm,
-            qemu_found = report.qemu_found, killed = report.killed, gone = report.gone,
-            pids = ?report.pids, unknown = ?report.unknown, batch = unique.len(),
-            elapsed_ms = elapsed_ms(), "ssh kill step finished"
+    let connected = connect(settings, route).await.inspect_err(|e| {
+        let target = route.target();
+        tracing::warn!(
+            host = %target.host_uuid, addr = %target.addr, vms = vms.len(), first_vm = %vms[0],
+            error = %e, label = e.label(), "ssh kill step failed"
         );
-    }
-    let mut ordered = Vec::with_capacity(vms.len());
-    for vm in vms {
-        match unique
-            .iter()
-            .position(|u| u == vm)
-            .and_then(|i| reports.get(i))
-        {
-            Some(report) => ordered.push(report.clone()),
-            // Unreachable: the parser returns one report per distinct uuid.
-            None => {
-                return Err(SshError::BadOutput {
-                    peer: Peer::from(target),
-                    detail: "no report for a requested VM",
-                    output: String::new(),
-                });
+    })?;
+    let result = connected.kill_qemus(settings, vms).await;
+    connected.close().await;
+    result
+}
+
+/// A verified, logged-in SSH session to a route's target (and, for [`Route::Via`], the jump
+/// session carrying it), ready to run the kill command. Opening it changes nothing on either
+/// host, so the fence opens it while it gathers evidence and fences storage, and runs the kill
+/// command on it only after the storage fence step.
+pub struct Connected {
+    session: Session,
+    jump: Option<Session>,
+    target: SshTarget,
+}
+
+/// Connects along `route`: every host key verified, public-key login, each hop bounded by
+/// `connect_timeout`.
+pub async fn connect(settings: &SshSettings, route: Route<'_>) -> Result<Connected, SshError> {
+    let creds = Arc::new(load_credentials(settings).await?);
+    match route {
+        Route::Direct(target) => Ok(Connected {
+            session: open_direct(settings, &creds, target).await?,
+            jump: None,
+            target: target.clone(),
+        }),
+        Route::Via { jump, target } => {
+            let jump_session = open_direct(settings, &creds, jump).await?;
+            match open_tunnelled(settings, &creds, &jump_session, jump, target).await {
+                Ok(session) => Ok(Connected {
+                    session,
+                    jump: Some(jump_session),
+                    target: target.clone(),
+                }),
+                Err(e) => {
+                    close(jump_session).await;
+                    Err(e)
+                }
             }
         }
     }
-    Ok(ordered)
 }
 
-/// Runs the batch of distinct `vms` (1 ..= [`MAX_KILL_BATCH`]); one report per VM, in order.
-async fn kill_over_route(
-    settings: &SshSettings,
-    route: Route<'_>,
-    vms: &[VmUuid],
-) -> Result<Vec<KillReport>, SshError> {
-    let creds = Arc::new(load_credentials(settings).await?);
-    match route {
-        Route::Direct(target) => {
-            let session = open_direct(settings, &creds, target).await?;
-            let result = run_kill(settings, &session, target, vms).await;
-            close(session).await;
-            result
+impl Connected {
+    /// The host the kill command runs on.
+    pub fn target(&self) -> &SshTarget {
+        &self.target
+    }
+
+    /// Runs the kill command for `vms` (at most [`MAX_KILL_BATCH`]) on this session: one report
+    /// per entry of `vms`, in the same order, as [`kill_qemus`] describes.
+    pub async fn kill_qemus(
+        &self,
+        settings: &SshSettings,
+        vms: &[VmUuid],
+    ) -> Result<Vec<KillReport>, SshError> {
+        if vms.is_empty() {
+            return Ok(Vec::new());
         }
-        Route::Via { jump, target } => {
-            let jump_session = open_direct(settings, &creds, jump).await?;
-            let tunnelled = open_tunnelled(settings, &creds, &jump_session, jump, target).await;
-            let result = match tunnelled {
-                Ok(session) => {
-                    let result = run_kill(settings, &session, target, vms).await;
-                    close(session).await;
-                    result
+        if vms.len() > MAX_KILL_BATCH {
+            return Err(SshError::BatchTooLarge {
+                count: vms.len(),
+                max: MAX_KILL_BATCH,
+            });
+        }
+        let mut unique: Vec<VmUuid> = Vec::with_capacity(vms.len());
+        for vm in vms {
+            if !unique.contains(vm) {
+                unique.push(vm.clone());
+            }
+        }
+        let started = Instant::now();
+        let target = &self.target;
+        let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let reports = match run_kill(settings, &self.session, target, &unique).await {
+            Ok(reports) => reports,
+            Err(e) => {
+                tracing::warn!(
+                    host = %target.host_uuid, addr = %target.addr, vms = unique.len(),
+                    first_vm = %unique[0], error = %e, label = e.label(), elapsed_ms = elapsed_ms(),
+                    "ssh kill step failed"
+                );
+                return Err(e);
+            }
+        };
+        for (vm, report) in unique.iter().zip(&reports) {
+            tracing::info!(
+                host = %target.host_uuid, addr = %target.addr, vm = %vm,
+                qemu_found = report.qemu_found, killed = report.killed, gone = report.gone,
+                pids = ?report.pids, unknown = ?report.unknown, batch = unique.len(),
+                elapsed_ms = elapsed_ms(), "ssh kill step finished"
+            );
+        }
+        let mut ordered = Vec::with_capacity(vms.len());
+        for vm in vms {
+            match unique
+                .iter()
+                .position(|u| u == vm)
+                .and_then(|i| reports.get(i))
+            {
+                Some(report) => ordered.push(report.clone()),
+                // Unreachable: the parser returns one report per distinct uuid.
+                None => {
+                    return Err(SshError::BadOutput {
+                        peer: Peer::from(target),
+                        detail: "no report for a requested VM",
+                        output: String::new(),
+                    });
                 }
-                Err(e) => Err(e),
-            };
-            close(jump_session).await;
-            result
+            }
+        }
+        Ok(ordered)
+    }
+
+    /// Disconnects (the target session, then the jump session), bounded.
+    pub async fn close(self) {
+        close(self.session).await;
+        if let Some(jump) = self.jump {
+            close(jump).await;
         }
     }
 }
