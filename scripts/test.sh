@@ -14,8 +14,6 @@ bash scripts/check-abi.sh
 start_cluster "${RBDFENCE_TEST_IP:-127.0.0.1}"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
-  # nextest does not run doctests
-  cargo test --doc --quiet
 else
   cargo test --no-fail-fast "$@"
 fi
