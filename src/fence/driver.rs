@@ -362,7 +362,11 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         // Open the SSH session while evidence and the storage fence run: connecting changes
         // nothing on the hosts, and the kill command still runs only after the storage step.
         let prepared = match failed {
-            Some(host) if !req.dry_run && self.inventory.get(&req.target_host).is_some() => {
+            Some(host)
+                if !req.dry_run
+                    && req.target_host != req.failed_host
+                    && self.inventory.get(&req.target_host).is_some() =>
+            {
                 Some(self.connection(host, &req.target_host))
             }
             _ => None,
