@@ -3,7 +3,8 @@
 # Ceph daemons and CLIs (the micro test cluster), librados/librbd headers, libclang (bindgen),
 # openssh-server (the test "hosts"), iproute2 (network namespaces), qemu with the rbd driver
 # from bookworm-backports (bookworm's own 7.2 would replace the machine's 10.x qemu-utils),
-# and prometheus (promtool + a scraping server for the metrics tests).
+# prometheus (promtool + a scraping server for the metrics tests), and busybox (its awk, which
+# cannot split on NUL, must send the remote kill script down its fallback path in the tests).
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -36,7 +37,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd \
   librados-dev librbd-dev libclang-dev clang \
-  openssh-server openssh-client iproute2 procps jq curl \
+  openssh-server openssh-client iproute2 procps jq curl busybox \
   prometheus >/dev/null
 apt-get install -y -qq --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils >/dev/null

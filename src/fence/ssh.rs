@@ -54,7 +54,9 @@
 //!   argv\[0\] holds no newline (the scan's pre-filter reads the first line only).
 //! - The login shell is POSIX-compatible enough to run `exec /bin/sh -c '…'`, and prints nothing
 //!   on its own (a chatty `.bashrc` makes the output unparseable: [`SshError::BadOutput`]). The
-//!   script uses only `sh` builtins, `tr`, `sleep` and `printf`.
+//!   script uses `sh` builtins, `printf`, `sleep`, and `awk` to read the candidates' command
+//!   lines in one process (an awk that cannot split records on NUL, such as busybox's, is
+//!   detected and not used); without a usable `awk` it forks `tr` once per candidate instead.
 //! - Jump hosts allow TCP forwarding (`AllowTcpForwarding yes`, OpenSSH's default).
 //! - PIDs are not recycled between the scan and the `kill` a few milliseconds later.
 //!
@@ -107,19 +109,34 @@ const UUID_SLOT: &str = "@VM_UUIDS@";
 /// Scan (once for the whole batch): for every `/proc/PID`, a fork-free pre-filter first reads the
 /// command line with the `read` builtin (shells drop the NULs and stop at the first newline, so
 /// the text always begins with argv\[0\]) and skips processes whose text has no `qemu-` in any
-/// case. The rest go through `tr`, which turns the NUL-separated `/proc/PID/cmdline` into
-/// `\001`-separated fields (newlines inside arguments become `\002`, so they cannot forge a field)
-/// and lowercases the hex letters A–F, so the uuid comparison ignores case; then argv\[0\]'s
-/// basename is checked exactly, and every `-uuid <value>` whose value holds no space is looked up
-/// as a whole word of `U` — so the value is exactly one requested uuid. A process whose values
-/// name one requested uuid is recorded as `PID:UUID`; one naming two different requested uuids is
-/// ambiguous: it is SIGKILLed too, but reported as `unknown` (attributed to no VM).
+/// case. The rest, the candidates, are matched on their argv: argv\[0\]'s basename must be
+/// `qemu-system-*` or `qemu-kvm`, and the argument after each `-uuid`/`--uuid` is looked up,
+/// with A–F lowercased, as a whole word of `U` — so the value is exactly one requested uuid, and
+/// a value holding a space, a newline or anything else matches nothing. A process whose values
+/// name one requested uuid is recorded as `PID:UUID`; one naming two different requested uuids
+/// is ambiguous: it is SIGKILLed too, but reported as `unknown` (attributed to no VM).
+///
+/// The match runs in two ways with the same rules and the same result:
+/// - Fast path: one `awk` (POSIX; mawk, gawk) for all candidates. It reads each
+///   `/proc/PID/cmdline` with `getline` and `RS` set to NUL, so every record is one argument
+///   (a newline is just data), and prints `PID UUID` per match, `PID -` per ambiguous process,
+///   `PID ?` per command line it could not read (the shell then counts it `unknown` if the
+///   process still exists), and `end` last. The PID is always the one it was given, never text
+///   from the file. It prints `end` only if it read its own shell's command line as exactly
+///   three arguments, `/bin/sh…`, `-c` and this script (so it does split on NUL; busybox awk
+///   does not), and if opening a file that does not exist fails. The shell accepts the answer
+///   only if awk exited 0 and every line is well formed: a candidate's PID, at most once, not
+///   its own, with a word of `U`, `-` or `?`, followed by `end` and nothing else.
+/// - Fallback, when awk is missing, fails or its answer is refused: for every candidate, `tr`
+///   turns the command line into `\001`-separated fields (a newline or `\001` inside an
+///   argument becomes `\002`, so it cannot forge a field) and lowercases A–F, and the shell
+///   does the match.
 ///
 /// Self-check: the script runs as `/bin/sh -c <script>`, so its own command line starts with
-/// `/bin/sh` (the `read` path works) and contains `U` (the `tr` path works); it refuses to report
-/// when either is not seen, so a missing `/proc` or a broken tool cannot read as "no qemu".
-/// A process whose command line cannot be opened while it still exists is reported as `unknown`
-/// and kept in the liveness check.
+/// `/bin/sh` (the `read` path works) and holds the script with `U` (the awk or `tr` path works);
+/// it refuses to report when either is not seen, so a missing `/proc` or a broken tool cannot
+/// read as "no qemu". A process whose command line cannot be opened while it still exists is
+/// reported as `unknown` and kept in the liveness check.
 ///
 /// Liveness looks at every thread in `/proc/PID/task`: a killed thread group can have a zombie
 /// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s, for the
@@ -135,6 +152,7 @@ f= r= b= me=
 x=
 read -r x 2>/dev/null <"/proc/$$/cmdline"
 case $x in /bin/sh*) ;; *) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
+C=
 for d in /proc/[0-9]*; do
   p=${d#/proc/}
   if [ "$p" != "$$" ]; then
@@ -146,7 +164,81 @@ for d in /proc/[0-9]*; do
     read -r x 2>/dev/null <"$d/cmdline"
     case $x in *[Qq][Ee][Mm][Uu]-*) ;; *) continue ;; esac
   fi
-  if ! c=$(tr "\000\nABCDEF" "\001\002abcdef" 2>/dev/null <"$d/cmdline"); then
+  C="$C $p"
+done
+ok=
+if w=$(LC_ALL=C awk -v u="$U" -v me="$$" -f /dev/stdin $C 2>/dev/null <<\AWK
+BEGIN {
+  RS = "\0"
+  n = split(u, w, " ")
+  for (i = 1; i <= n; i++) want[w[i]] = 1
+  if ((getline x < "/proc/0/cmdline") >= 0) exit 1
+  ok = 0
+  for (i = 1; i < ARGC; i++) {
+    p = ARGV[i]
+    f = "/proc/" p "/cmdline"
+    c = 0; q = 0; s = 0; m = ""; prev = ""
+    while ((e = (getline x < f)) > 0) {
+      c++
+      if (p == me) {
+        if (c == 1) s = (index(x, "/bin/sh") == 1)
+        else if (c == 2) s = s && x == "-c"
+        else if (c == 3) s = s && index(x, "U=\"" u "\"\n") == 1
+        continue
+      }
+      if (c == 1) {
+        b = x
+        while ((k = index(b, "/")) > 0) b = substr(b, k + 1)
+        q = (substr(b, 1, 12) == "qemu-system-" || b == "qemu-kvm")
+      } else if (q && (prev == "-uuid" || prev == "--uuid") && x !~ /[^0-9A-Fa-f-]/) {
+        v = tolower(x)
+        if (v in want) {
+          if (m == "") m = v
+          else if (m != v) m = "-"
+        }
+      }
+      prev = x
+    }
+    close(f)
+    if (p == me) ok = (e == 0 && s && c == 3)
+    else if (e < 0) print p, "?"
+    else if (m != "") print p, m
+  }
+  if (!ok) exit 1
+  print "end"
+  exit 0
+}
+AWK
+); then
+  ok=1 ae= as= af= ar= ab=
+  ifs=$IFS; IFS="
+"; set -f
+  for l in $w; do
+    [ -z "$ae" ] || { ok=; break; }
+    if [ "$l" = end ]; then ae=1; continue; fi
+    case $l in [0-9]*" "?*) ;; *) ok=; break ;; esac
+    p=${l%% *} v=${l#* }
+    case $p in *[!0-9]*) ok=; break ;; esac
+    case $v in *" "*) ok=; break ;; esac
+    case " $C " in *" $p "*) ;; *) ok=; break ;; esac
+    case "$as " in *" $p "*) ok=; break ;; esac
+    [ "$p" != "$$" ] || { ok=; break; }
+    as="$as $p"
+    case $v in
+      -) ab="$ab $p"; ar="$ar $p" ;;
+      "?") [ -d "/proc/$p" ] && ar="$ar $p" ;;
+      *) case " $U " in *" $v "*) af="$af $p:$v" ;; *) ok=; break ;; esac ;;
+    esac
+  done
+  IFS=$ifs; set +f
+  [ -n "$ae" ] || ok=
+fi
+if [ -n "$ok" ]; then
+  f="$f$af"; r="$r$ar"; b="$b$ab"; me=1 C=
+fi
+for p in $C; do
+  d=/proc/$p
+  if ! c=$(tr "\000\001\nABCDEF" "\001\002\002abcdef" 2>/dev/null <"$d/cmdline"); then
     [ -d "$d" ] && r="$r $p"
     continue
   fi
@@ -1462,12 +1554,71 @@ mod tests {
 
     /// Runs the script locally under `shell`, as sshd would: argv[0] is /bin/sh.
     fn run_locally(shell: &str, vms: &[VmUuid]) -> std::process::Output {
-        Command::new(shell)
-            .arg0("/bin/sh")
-            .arg("-c")
-            .arg(script_for(vms))
-            .output()
-            .unwrap()
+        run_with_path(shell, vms, None)
+    }
+
+    /// [`run_locally`], with `PATH` set to `path` when given (see [`tool_dir`]).
+    fn run_with_path(shell: &str, vms: &[VmUuid], path: Option<&Path>) -> std::process::Output {
+        let mut cmd = Command::new(shell);
+        cmd.arg0("/bin/sh").arg("-c").arg(script_for(vms));
+        if let Some(path) = path {
+            cmd.env("PATH", path);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Where `name` is on this machine's `PATH`.
+    fn which(name: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    }
+
+    /// The `awk` a run of the script finds on its `PATH`.
+    #[derive(Clone, Copy, Debug)]
+    enum Awk {
+        /// None at all.
+        Missing,
+        /// This machine's `awk` (Debian: mawk).
+        System,
+        /// This program (a real awk, or busybox, which runs its awk applet under that name).
+        Program(&'static str),
+        /// A stand-in: `/bin/sh` runs this text.
+        StandIn(&'static str),
+    }
+
+    /// A directory to use as the script's whole `PATH`: `awk` as given, `sleep`, and `tr` —
+    /// the real one, or (`tr_works == false`) one that always fails, so that a run can only
+    /// succeed if the awk fast path handled the scan (the `tr` fallback fails its self-check).
+    /// `None` when a program it needs is not installed.
+    fn tool_dir(awk: Awk, tr_works: bool) -> Option<tempfile::TempDir> {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        symlink(which("sleep")?, dir.path().join("sleep")).unwrap();
+        let tr = if tr_works {
+            which("tr")?
+        } else {
+            which("false")?
+        };
+        symlink(tr, dir.path().join("tr")).unwrap();
+        match awk {
+            Awk::Missing => {}
+            Awk::System => symlink(which("awk")?, dir.path().join("awk")).unwrap(),
+            Awk::Program(program) => {
+                if !Path::new(program).is_file() {
+                    return None;
+                }
+                symlink(program, dir.path().join("awk")).unwrap();
+            }
+            Awk::StandIn(text) => {
+                use std::os::unix::fs::PermissionsExt;
+                let path = dir.path().join("awk");
+                std::fs::write(&path, format!("#!/bin/sh\n{text}\n")).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+        Some(dir)
     }
 
     /// A report line for `vm` with the given fields after the uuid.
@@ -1680,6 +1831,254 @@ mod tests {
                 [false, false, false, false, false, true, true, true],
                 "{shell}: {r:?}"
             );
+        }
+    }
+
+    /// Processes a test started, each under a role name; SIGKILLed and reaped (through their own
+    /// handles) on drop, so a failing test leaves nothing behind.
+    struct Procs(Vec<(String, std::process::Child)>);
+
+    impl Procs {
+        fn add(&mut self, role: &str, argv0: &str, extra: &[&str]) -> u32 {
+            let child = look_alike(argv0, extra);
+            let pid = child.id();
+            self.0.push((role.to_owned(), child));
+            pid
+        }
+
+        fn role(&self, pid: &str) -> String {
+            self.0
+                .iter()
+                .find(|(_, c)| c.id().to_string() == pid)
+                .map_or_else(|| format!("pid {pid}?"), |(role, _)| role.clone())
+        }
+
+        /// Roles of the processes that are still running.
+        fn running(&mut self) -> Vec<String> {
+            self.0
+                .iter_mut()
+                .filter_map(|(role, c)| c.try_wait().unwrap().is_none().then(|| role.clone()))
+                .collect()
+        }
+    }
+
+    impl Drop for Procs {
+        fn drop(&mut self) {
+            for (_, c) in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Qemu stand-ins for the batch `[c, a, b]` (`d` is not requested). Roles `a…`/`b…` must be
+    /// attributed to that uuid, `conflict` carries two requested uuids, `spare…` must survive.
+    fn matching_fixture(a: &VmUuid, b: &VmUuid, c: &VmUuid, d: &VmUuid) -> Procs {
+        let (a, b, c, d) = (a.as_str(), b.as_str(), c.as_str(), d.as_str());
+        let mut p = Procs(Vec::new());
+        let spare_d = p.add("spare-unrequested", "qemu-system-x86_64", &["-uuid", d]);
+        let spare_name = p.add("spare-after-name", "qemu-system-x86_64", &["-name", a]);
+        p.add(
+            "spare-trailing-uuid-flag",
+            "qemu-system-x86_64",
+            &["-name", a, "-uuid"],
+        );
+        p.add("spare-extra-char", "qemu-kvm", &["-uuid", &format!("{a}0")]);
+        p.add(
+            "spare-extra-space",
+            "qemu-kvm",
+            &["-uuid", &format!("{a} ")],
+        );
+        p.add(
+            "spare-two-in-one",
+            "qemu-kvm",
+            &["-uuid", &format!("{a} {b}")],
+        );
+        p.add("spare-empty-value", "qemu-kvm", &["-uuid", "", a]);
+        p.add(
+            "spare-newline-value",
+            "qemu-kvm",
+            &["-uuid", &format!("{a}\n{b}")],
+        );
+        p.add("spare-newline-flag", "qemu-kvm", &["-uuid\nx", a]);
+        p.add("spare-flag-after-newline", "qemu-kvm", &["x\n-uuid", a]);
+        p.add("spare-ctrl-a", "qemu-kvm", &[&format!("-uuid\u{1}{a}")]);
+        p.add("spare-not-qemu", "not-qemu", &["-uuid", a]);
+        p.add("spare-upper-argv0", "/usr/bin/QEMU-KVM", &["-uuid", a]);
+        p.add("spare-xqemu-kvm", "/usr/bin/xqemu-kvm", &["-uuid", a]);
+        p.add(
+            "spare-qemu-dir",
+            "/opt/qemu-system-x86_64/kvm",
+            &["-uuid", a],
+        );
+        // Text shaped like the awk's output lines, naming other processes.
+        let fake = format!("vm\n{spare_name} {b}\n{spare_d} -\nend\n{spare_d} {a}");
+        p.add(
+            "spare-fake-lines",
+            "qemu-kvm",
+            &["-name", &fake, "-uuid", d],
+        );
+        p.add(
+            "a-upper",
+            "/usr/bin/qemu-system-x86_64",
+            &["-uuid", &a.to_uppercase()],
+        );
+        p.add("a-second-uuid", "qemu-kvm", &["-uuid", d, "-uuid", a]);
+        p.add(
+            "a-fake-lines",
+            "qemu-system-x86_64",
+            &["-name", &fake, "-uuid", a],
+        );
+        p.add("b-kvm-upper", "qemu-kvm", &["-uuid", &b.to_uppercase()]);
+        p.add("b-long-flag", "/bin/qemu-system-aarch64", &["--uuid", b]);
+        p.add("conflict", "qemu-system-x86_64", &["-uuid", a, "-uuid", c]);
+        p
+    }
+
+    /// The report with pids replaced by the roles of `procs` (sorted) and uuids by `names`.
+    fn by_role(stdout: &str, procs: &Procs, names: &[(&VmUuid, &str)]) -> String {
+        let mut out = String::new();
+        for line in stdout.lines() {
+            for (n, word) in line.split(' ').enumerate() {
+                if n > 0 {
+                    out.push(' ');
+                }
+                match word.split_once('=') {
+                    Some(("uuid", v)) => {
+                        let name = names.iter().find(|(u, _)| u.as_str() == v);
+                        out.push_str(&format!("uuid={}", name.map_or(v, |(_, n)| *n)));
+                    }
+                    Some((k @ ("found" | "killed" | "alive" | "unknown"), v)) => {
+                        let mut roles: Vec<String> = v
+                            .split(',')
+                            .filter(|p| !p.is_empty())
+                            .map(|p| procs.role(p))
+                            .collect();
+                        roles.sort();
+                        out.push_str(&format!("{k}={}", roles.join(",")));
+                    }
+                    _ => out.push_str(word),
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn script_fast_path_and_tr_fallback_give_identical_reports() {
+        let want = "rbdfence-kill uuid=c found= killed= alive= unknown=conflict gone=1\n\
+                    rbdfence-kill uuid=a found=a-fake-lines,a-second-uuid,a-upper \
+                    killed=a-fake-lines,a-second-uuid,a-upper alive= unknown=conflict gone=1\n\
+                    rbdfence-kill uuid=b found=b-kvm-upper,b-long-flag \
+                    killed=b-kvm-upper,b-long-flag alive= unknown=conflict gone=1\n";
+        // (what, awk, whether tr works). With a failing tr only the awk fast path can succeed;
+        // the stand-ins must make the script fall back to tr.
+        let modes = [
+            ("default PATH", None, true),
+            ("system awk, failing tr", Some(Awk::System), false),
+            (
+                "mawk, failing tr",
+                Some(Awk::Program("/usr/bin/mawk")),
+                false,
+            ),
+            (
+                "gawk, failing tr",
+                Some(Awk::Program("/usr/bin/gawk")),
+                false,
+            ),
+            ("no awk", Some(Awk::Missing), true),
+            ("awk exits 2", Some(Awk::StandIn("exit 2")), true),
+            (
+                "awk prints a malformed line",
+                Some(Awk::StandIn("echo \"1 x y\"; echo end")),
+                true,
+            ),
+            (
+                "awk names a pid it was not given",
+                Some(Awk::StandIn("echo \"4194305 -\"; echo end")),
+                true,
+            ),
+            ("awk prints no end", Some(Awk::StandIn(":")), true),
+            (
+                "awk prints all requested uuids for one pid",
+                Some(Awk::StandIn(
+                    "u=${2#u=}; shift 6; for p; do [ \"$p\" = \"$PPID\" ] || break; done; \
+                     echo \"$p $u\"; echo end",
+                )),
+                true,
+            ),
+            // busybox awk cannot split on NUL: its output fails the self-check.
+            ("busybox awk", Some(Awk::Program("/bin/busybox")), true),
+        ];
+        let mut ran = Vec::new();
+        for shell in ["/bin/dash", "/bin/bash"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            for (what, awk, tr_works) in modes {
+                let dir = match awk {
+                    None => None,
+                    Some(awk) => match tool_dir(awk, tr_works) {
+                        Some(dir) => Some(dir),
+                        None => continue,
+                    },
+                };
+                let (a, b, c, d) = (random_vm(), random_vm(), random_vm(), random_vm());
+                let mut procs = matching_fixture(&a, &b, &c, &d);
+                let batch = [c.clone(), a.clone(), b.clone()];
+                let out = run_with_path(shell, &batch, dir.as_ref().map(|d| d.path()));
+                let running = procs.running();
+                let stdout = String::from_utf8(out.stdout).unwrap();
+                let ctx = format!(
+                    "{shell}, {what}: {:?}, stderr {:?}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(out.status.success(), "{ctx}: {stdout:?}");
+                parse_reports(&stdout, &batch).unwrap_or_else(|e| panic!("{ctx}: {e}"));
+                let names = [(&a, "a"), (&b, "b"), (&c, "c")];
+                assert_eq!(by_role(&stdout, &procs, &names), want, "{ctx}");
+                let spared: Vec<String> = procs
+                    .0
+                    .iter()
+                    .map(|(role, _)| role.clone())
+                    .filter(|role| role.starts_with("spare-"))
+                    .collect();
+                assert_eq!(running, spared, "{ctx}");
+                ran.push(format!("{shell}, {what}"));
+            }
+        }
+        // The fast path itself was exercised (this machine's awk, with a failing tr).
+        if which("awk").is_some() {
+            assert!(
+                ran.iter().any(|r| r.ends_with("system awk, failing tr")),
+                "{ran:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn script_refuses_an_awk_that_does_not_split_on_nul() {
+        // busybox awk cannot split on NUL: were its (empty) scan accepted, every VM would read
+        // as gone. With a failing tr as well, the script must stop at its self-check.
+        let Some(dir) = tool_dir(Awk::Program("/bin/busybox"), false) else {
+            return;
+        };
+        let vm = random_vm();
+        let mut procs = Procs(Vec::new());
+        procs.add("target", "qemu-kvm", &["-uuid", vm.as_str()]);
+        for shell in ["/bin/dash", "/bin/bash"] {
+            if !Path::new(shell).exists() {
+                continue;
+            }
+            let out = run_with_path(shell, std::slice::from_ref(&vm), Some(dir.path()));
+            assert_eq!(out.status.code(), Some(3), "{shell}: {out:?}");
+            assert_eq!(
+                out.stdout, b"rbdfence-kill error=self-check\n",
+                "{shell}: {out:?}"
+            );
+            assert_eq!(procs.running(), ["target"], "{shell}");
         }
     }
 
