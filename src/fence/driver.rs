@@ -359,22 +359,19 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let deadline = started + self.settings.deadline;
         let failed = self.inventory.get(&req.failed_host);
         let own_addrs = self.ceph.own_addrs();
+        let target_known =
+            self.inventory.get(&req.target_host).is_some() && req.target_host != req.failed_host;
         // Open the SSH session while evidence and the storage fence run: connecting changes
         // nothing on the hosts, and the kill command still runs only after the storage step.
         let prepared = match failed {
-            Some(host)
-                if !req.dry_run
-                    && req.target_host != req.failed_host
-                    && self.inventory.get(&req.target_host).is_some() =>
-            {
+            Some(host) if !req.dry_run && target_known => {
                 Some(self.connection(host, &req.target_host))
             }
             _ => None,
         };
         let ctx = Context {
             failed,
-            target_known: self.inventory.get(&req.target_host).is_some()
-                && req.target_host != req.failed_host,
+            target_known,
             own_addrs: &own_addrs,
             dry_run: req.dry_run,
         };
