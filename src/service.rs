@@ -14,23 +14,44 @@ use crate::fence::decision::{Decision, DenyReason};
 use crate::fence::driver::FenceRequest;
 use crate::fence::link::CephLink;
 use crate::fence::record::{EvidenceReport, FenceRecord, FenceReply};
-use crate::fence::vm::VmUuid;
 use crate::metrics::Metrics;
 
 type FenceFuture = Shared<BoxFuture<'static, Arc<FenceRecord>>>;
 
 /// What makes two requests the same fence: the VM, its hosts, its volumes, and dry-run.
-type FenceKey = (VmUuid, String, String, Vec<String>, bool);
+type FenceKey = (String, String, String, Vec<String>, bool);
+
+fn fence_key(
+    vm: String,
+    failed: &str,
+    target: &str,
+    volumes: Vec<String>,
+    dry_run: bool,
+) -> FenceKey {
+    let mut volumes = volumes;
+    volumes.sort();
+    volumes.dedup();
+    (vm, failed.to_string(), target.to_string(), volumes, dry_run)
+}
 
 fn key_of(req: &FenceRequest) -> FenceKey {
-    let mut volumes: Vec<String> = req.volumes.iter().map(ToString::to_string).collect();
-    volumes.sort();
-    (
-        req.vm.clone(),
-        req.failed_host.clone(),
-        req.target_host.clone(),
+    let volumes = req.volumes.iter().map(ToString::to_string).collect();
+    fence_key(
+        req.vm.to_string(),
+        &req.failed_host,
+        &req.target_host,
         volumes,
         req.dry_run,
+    )
+}
+
+fn key_of_record(r: &FenceRecord) -> FenceKey {
+    fence_key(
+        r.vm_uuid.clone(),
+        &r.failed_host,
+        &r.target_host,
+        r.volumes.clone(),
+        r.dry_run,
     )
 }
 
@@ -101,15 +122,7 @@ impl Service {
         if let Some(id) = &req.request_id
             && let Some(r) = self.replay(id)
         {
-            let recorded = FenceRequest {
-                request_id: r.request_id.clone(),
-                vm: r.vm_uuid.parse().unwrap_or_else(|_| req.vm.clone()),
-                failed_host: r.failed_host.clone(),
-                target_host: r.target_host.clone(),
-                volumes: r.volumes.iter().filter_map(|v| v.parse().ok()).collect(),
-                dry_run: r.dry_run,
-            };
-            if r.vm_uuid != req.vm.to_string() || key_of(&recorded) != key {
+            if key_of_record(&r) != key {
                 return Err(RequestIdReused {
                     request_id: id.clone(),
                     fence_id: r.reply.fence_id,
@@ -125,11 +138,20 @@ impl Service {
                     let engine = self.engine.clone();
                     let r = req.clone();
                     let task = self.tracker.spawn(async move { engine.fence(&r).await });
-                    let r = req.clone();
+                    let (r, engine) = (req.clone(), self.engine.clone());
                     let f = async move {
-                        Arc::new(task.await.unwrap_or_else(|e| {
-                            internal_error(&r, &format!("the fence task failed: {e}"))
-                        }))
+                        let record = match task.await {
+                            Ok(record) => record,
+                            Err(e) => {
+                                // Still a recorded decision (rule 5); a deny whatever the ledger says.
+                                let record = internal_error(&r, &format!("the fence task failed: {e}"));
+                                if let Err(le) = engine.ledger.record(record.clone()).await {
+                                    tracing::error!(error = %le, "cannot record the internal-error deny");
+                                }
+                                record
+                            }
+                        };
+                        Arc::new(record)
                     }
                     .boxed()
                     .shared();
@@ -177,10 +199,10 @@ fn internal_error(req: &FenceRequest, message: &str) -> FenceRecord {
         target_host: req.target_host.clone(),
         volumes: req.volumes.iter().map(ToString::to_string).collect(),
         dry_run: req.dry_run,
-        started_at: String::new(),
+        started_at: crate::fence::driver::now_rfc3339(),
         stages_ms: Default::default(),
         reply: FenceReply {
-            fence_id: String::new(),
+            fence_id: crate::fence::driver::new_fence_id(),
             decision: d.as_str().into(),
             outcome: d.outcome().as_str().into(),
             reason: d.reason().into(),

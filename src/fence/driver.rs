@@ -303,7 +303,8 @@ async fn bounded<T>(limit: Duration, deadline: Instant, fut: impl Future<Output 
     tokio::time::timeout(budget, fut).await.ok()
 }
 
-fn new_fence_id() -> String {
+/// A fence id unique across restarts of this process: time, pid, sequence.
+pub fn new_fence_id() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let now = std::time::SystemTime::now()
@@ -317,7 +318,8 @@ fn new_fence_id() -> String {
     )
 }
 
-fn now_rfc3339() -> String {
+/// Now, RFC 3339 in UTC.
+pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -499,8 +501,9 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
 
     /// The storage fence for `entries` (all of one failed host): joins the host's fence in
     /// flight when that covers every entry (many VMs of one host share one), else runs one
-    /// after it. The shared fence runs as its own future, so a waiter that gives up (its
-    /// deadline) does not cancel it for the others.
+    /// after it. The fence is a shared future that every waiter drives, so a waiter that gives
+    /// up (its deadline) does not cancel it for the others; a later joiner resumes it, and its
+    /// confirmation (osdmap, listing, epoch) is then read at that time.
     async fn blocklist(
         &self,
         host: String,
