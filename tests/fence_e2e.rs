@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::sshd::write_known_hosts_with_wrong_key;
 use common::stack::{Stack, new_uuid};
 use common::vm::{Vm, image_byte};
-use common::{BlocklistGuard, Holder, TestImage, admin, cluster};
+use common::{BlocklistGuard, Holder, TestImage, admin};
 
 async fn listed(entry: &str) -> bool {
     admin()
@@ -201,51 +200,9 @@ async fn e2e_a_wrong_host_key_is_never_reachable() {
     drop(guard);
 
     // Without a working blocklist: a Ceph user that may read images but not blocklist.
-    let user = format!("rbdfence-nobl-{}", std::process::id());
-    let keyring = stack.dir.path().join("nobl.keyring");
-    let conf = stack.dir.path().join("nobl.conf");
-    let out = Command::new("ceph")
-        .arg("--conf")
-        .arg(&cluster().conf)
-        .args([
-            "auth",
-            "get-or-create",
-            &format!("client.{user}"),
-            "mon",
-            "allow r",
-            "osd",
-            "profile rbd",
-            "-o",
-        ])
-        .arg(&keyring)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = std::fs::read_to_string(&cluster().conf).unwrap();
-    let text: String = text
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("keyring") {
-                format!("keyring = {}", keyring.display())
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(&conf, text + "\n").unwrap();
-    stack.write_config(&user, &conf);
+    let _user = stack.use_user_without_blocklist();
     let (code, reply) = stack.fence(&uuid, &[&img]);
     let _guard = BlocklistGuard::for_reply(&reply);
-    let _ = Command::new("ceph")
-        .arg("--conf")
-        .arg(&cluster().conf)
-        .args(["auth", "rm", &format!("client.{user}")])
-        .status();
     assert_eq!(code, 1, "{reply:#}");
     assert_eq!(
         (reply["decision"].as_str(), reply["reason"].as_str()),

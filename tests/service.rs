@@ -3,7 +3,8 @@
 //! endpoint, unfence, metrics against metrics/README.md, and readiness.
 //! Tests named e2e_* drive real VMs and run one at a time (nextest test group).
 //!
-//! Loopback addresses used: 127.0.0.91 – 127.0.0.99 and 127.0.0.101 – 127.0.0.119.
+//! Loopback addresses used: 127.0.0.91 – 127.0.0.99, 127.0.0.101 – 127.0.0.119 and
+//! 127.0.0.161 – 127.0.0.163.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -807,4 +808,62 @@ async fn e2e_unfence_refuses_while_a_vm_was_never_seen_gone() {
         .await;
     assert_eq!(status, 200, "{lifted}");
     assert_eq!(lifted["lifted"], json!(["127.0.0.119:0/0"]));
+}
+
+/// A caller gives up in the middle of a fence (its HTTP client times out); the fence finishes
+/// alone. The host is unfenced, and later fails again: the identical request must get a new
+/// fence, never the earlier answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_caller_that_gave_up_never_hands_its_answer_to_a_later_incident() {
+    let stack = Stack::new(161);
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let svc = Running::start(&stack).await;
+    let img = TestImage::create("api-stale");
+    let body = pre(&new_uuid(), &[&img]);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/v1/pre-instantiate", svc.base))
+        .json(&body)
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the caller gave up before the fence ended"
+    );
+    let first: Value = eventually(
+        "the first fence is recorded",
+        Duration::from_secs(40),
+        || {
+            let svc = &svc;
+            async move {
+                let (_, text) = svc.get("/v1/fences").await;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                v["fences"].as_array()?.first().cloned()
+            }
+        },
+    )
+    .await;
+    let _g1 = BlocklistGuard::for_reply(&first);
+    assert_eq!(first["decision"], "approve", "{first:#}");
+    let (status, lifted) = svc
+        .post("/v1/hosts/h1/unfence", &json!({"force": true}))
+        .await;
+    assert_eq!(status, 200, "{lifted}");
+
+    let (status, second) = svc.post("/v1/pre-instantiate", &body).await;
+    let _g2 = BlocklistGuard::for_reply(&second);
+    assert_eq!(status, 200, "{second:#}");
+    assert_ne!(
+        second["fence_id"], first["fence_id"],
+        "a new incident gets a new fence, not the answer of an earlier one"
+    );
+    assert_eq!(second["decision"], "approve", "{second:#}");
+    let listed = admin().await.blocklist_ls().await.unwrap();
+    assert!(
+        listed.iter().any(|i| i.entry == "127.0.0.161:0/0"),
+        "the host is fenced again: {listed:?}"
+    );
 }

@@ -93,6 +93,9 @@ impl ClientKey {
 pub struct Sshd {
     dir: tempfile::TempDir,
     child: Child,
+    /// Started under a wrapper (its own PID namespace): `child` is the wrapper, and the pid
+    /// file holds a pid of that namespace, never signalled.
+    wrapped: bool,
     addr: SocketAddr,
     host_key: String,
 }
@@ -101,6 +104,20 @@ impl Sshd {
     /// Starts sshd on `ip` (a free port), authorising `client`. Panics if it does not listen in
     /// time.
     pub fn start(ip: Ipv4Addr, client: &ClientKey) -> Sshd {
+        Self::start_wrapped(ip, client, &[])
+    }
+
+    /// As [`Sshd::start`], but sshd runs in a PID namespace of its own with its own `/proc`
+    /// (a containerised sshd): it sees only its own processes, not the host's.
+    pub fn start_in_own_pid_namespace(ip: Ipv4Addr, client: &ClientKey) -> Sshd {
+        Self::start_wrapped(
+            ip,
+            client,
+            &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+        )
+    }
+
+    fn start_wrapped(ip: Ipv4Addr, client: &ClientKey, wrapper: &[&str]) -> Sshd {
         assert!(ip.is_loopback(), "tests use loopback addresses only");
         std::fs::create_dir_all("/run/sshd").expect("mkdir -p /run/sshd");
         let dir = tempfile::Builder::new()
@@ -123,7 +140,15 @@ impl Sshd {
             let pid_file = dir.path().join("sshd.pid");
             let _ = std::fs::remove_file(&log);
             let _ = std::fs::remove_file(&pid_file);
-            let mut child = Command::new(SSHD)
+            let mut cmd = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(SSHD);
+                    c
+                }
+                None => Command::new(SSHD),
+            };
+            let mut child = cmd
                 .arg("-D")
                 .arg("-f")
                 .arg(&conf)
@@ -134,17 +159,18 @@ impl Sshd {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn sshd");
-            if wait_listening(&mut child, addr, &pid_file) {
+            if wait_listening(&mut child, addr, &pid_file, !wrapper.is_empty()) {
                 return Sshd {
                     dir,
                     child,
+                    wrapped: !wrapper.is_empty(),
                     addr,
                     host_key,
                 };
             }
             // Not listening: most likely another process took the port meanwhile. Retry.
             last_log = std::fs::read_to_string(&log).unwrap_or_default();
-            stop_child(&mut child, &pid_file);
+            stop_child(&mut child, &pid_file, !wrapper.is_empty());
         }
         panic!("sshd on {ip} did not start listening; last log:\n{last_log}");
     }
@@ -174,7 +200,7 @@ impl Sshd {
         std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
     }
 
-    /// SIGSTOP the listener: TCP connects still complete (kernel backlog) but nobody answers.
+    /// SIGSTOP the listener (not for a wrapped sshd): TCP connects still complete (kernel backlog) but nobody answers.
     pub fn freeze(&self) {
         assert!(send_signal(self.pid(), libc::SIGSTOP), "SIGSTOP sshd");
     }
@@ -186,7 +212,7 @@ impl Sshd {
 
     fn stop(&mut self) {
         let pid_file = self.dir.path().join("sshd.pid");
-        stop_child(&mut self.child, &pid_file);
+        stop_child(&mut self.child, &pid_file, self.wrapped);
     }
 }
 
@@ -197,13 +223,18 @@ impl Drop for Sshd {
 }
 
 /// Polls until sshd answers with an OpenSSH banner on `addr` and its pid file names it.
-fn wait_listening(child: &mut Child, addr: SocketAddr, pid_file: &Path) -> bool {
+/// `wrapped`: sshd runs under a wrapper (its pid file names it in its own namespace).
+fn wait_listening(child: &mut Child, addr: SocketAddr, pid_file: &Path, wrapped: bool) -> bool {
     let deadline = Instant::now() + START_WITHIN;
     while Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
             return false;
         }
-        if read_pid(pid_file) == Some(child.id()) && banner_ok(addr) {
+        let started = match read_pid(pid_file) {
+            Some(p) => wrapped || p == child.id(),
+            None => false,
+        };
+        if started && banner_ok(addr) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -235,12 +266,14 @@ fn read_pid(pid_file: &Path) -> Option<u32> {
 
 /// Thaws and ends sshd (SIGTERM, then SIGKILL after 3 s) and reaps it. The pid file's pid is
 /// signalled too, should it ever differ from the child's.
-fn stop_child(child: &mut Child, pid_file: &Path) {
+fn stop_child(child: &mut Child, pid_file: &Path, wrapped: bool) {
     if matches!(child.try_wait(), Ok(Some(_))) {
         return;
     }
+    // The pid file's pid is signalled too, should it ever differ from the child's (never
+    // for a wrapped sshd: its pid file holds a pid of its own namespace; `--kill-child` ends it).
     let mut pids = vec![child.id()];
-    if let Some(p) = read_pid(pid_file).filter(|p| *p != child.id()) {
+    if let Some(p) = read_pid(pid_file).filter(|p| !wrapped && *p != child.id()) {
         pids.push(p);
     }
     for &p in &pids {

@@ -51,9 +51,15 @@ pub struct Stack {
 
 impl Stack {
     pub fn new(base: u8) -> Stack {
+        Self::with_failed_sshd(base, Sshd::start)
+    }
+
+    /// As [`Stack::new`], with the failed host's sshd started by `start` (e.g.
+    /// [`Sshd::start_in_own_pid_namespace`]).
+    pub fn with_failed_sshd(base: u8, start: fn(Ipv4Addr, &ClientKey) -> Sshd) -> Stack {
         let key = ClientKey::generate();
         let failed_ip = ip(base);
-        let failed_sshd = Sshd::start(failed_ip, &key);
+        let failed_sshd = start(failed_ip, &key);
         let sibling_sshd = Sshd::start(ip(base + 2), &key);
         let dir = tempfile::Builder::new()
             .prefix("rbdfence-e2e-")
@@ -158,7 +164,73 @@ ssh = "{sibling_ssh}"
         (out.status.code().unwrap_or(-1), reply)
     }
 
+    /// Switches the service to a fresh cephx user that may read images but not blocklist
+    /// (`mon 'allow r'`): only an SSH proof can then approve. The user is removed when the
+    /// returned guard drops.
+    pub fn use_user_without_blocklist(&mut self) -> CephUser {
+        let user = format!(
+            "rbdfence-nobl-{}-{}",
+            std::process::id(),
+            self.failed_ip.octets()[3]
+        );
+        let keyring = self.dir.path().join("nobl.keyring");
+        let conf = self.dir.path().join("nobl.conf");
+        let out = Command::new("ceph")
+            .arg("--conf")
+            .arg(&cluster().conf)
+            .args([
+                "auth",
+                "get-or-create",
+                &format!("client.{user}"),
+                "mon",
+                "allow r",
+                "osd",
+                "profile rbd",
+                "-o",
+            ])
+            .arg(&keyring)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&cluster().conf).unwrap();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("keyring") {
+                    format!("keyring = {}", keyring.display())
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&conf, text + "\n").unwrap();
+        self.write_config(&user, &conf);
+        CephUser { name: user }
+    }
+
     pub fn ledger(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ledger.jsonl")).unwrap_or_default()
+    }
+}
+
+/// A cephx user made for one test, removed when dropped.
+pub struct CephUser {
+    pub name: String,
+}
+
+impl Drop for CephUser {
+    fn drop(&mut self) {
+        let _ = Command::new("ceph")
+            .arg("--conf")
+            .arg(&cluster().conf)
+            .args(["auth", "rm", &format!("client.{}", self.name)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }

@@ -16,14 +16,45 @@ pub struct Vm {
     dir: tempfile::TempDir,
 }
 
+/// How a launcher starts qemu: the name argv\[0\] carries and where the uuid goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// `qemu-system-x86_64 … -uuid UUID`, as libvirt does.
+    Libvirt,
+    /// Through a symlink named `kvm` (Proxmox's `/usr/bin/kvm`), with `-uuid`.
+    KvmName,
+    /// The uuid only in `-smbios type=1,uuid=UUID` (Proxmox), no `-uuid`.
+    SmbiosOnly,
+}
+
 impl Vm {
     /// Starts qemu (paused CPU, no display) with `image` as its virtio disk, its librados
     /// client bound to `ip`. Returns once qemu has daemonized (the disk is open).
     pub fn start(image: &TestImage, ip: &str, uuid: &str) -> Vm {
+        Self::start_as(image, ip, uuid, Launch::Libvirt)
+    }
+
+    /// As [`Vm::start`], launched the way `launch` says.
+    pub fn start_as(image: &TestImage, ip: &str, uuid: &str, launch: Launch) -> Vm {
         let dir = tempfile::Builder::new()
             .prefix("rbdfence-vm-")
             .tempdir()
             .unwrap();
+        let program = match launch {
+            Launch::KvmName => {
+                let link = dir.path().join("kvm");
+                std::os::unix::fs::symlink("/usr/bin/qemu-system-x86_64", &link).unwrap();
+                link
+            }
+            Launch::Libvirt | Launch::SmbiosOnly => PathBuf::from("qemu-system-x86_64"),
+        };
+        let uuid_args: Vec<String> = match launch {
+            Launch::SmbiosOnly => vec![
+                "-smbios".into(),
+                format!("type=1,manufacturer=test,uuid={uuid}"),
+            ],
+            Launch::Libvirt | Launch::KvmName => vec!["-uuid".into(), uuid.into()],
+        };
         let pidfile = dir.path().join("qemu.pid");
         let qmp = dir.path().join("qmp.sock");
         let drive = format!(
@@ -31,10 +62,10 @@ impl Vm {
             image.name(),
             cluster().conf.display()
         );
-        let out = Command::new("qemu-system-x86_64")
+        let out = Command::new(&program)
             .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
             .args(["-name", &format!("guest={}", &uuid[..8])])
-            .args(["-uuid", uuid])
+            .args(&uuid_args)
             .args(["-drive", &drive])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
