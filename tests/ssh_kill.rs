@@ -205,8 +205,9 @@ async fn e2e_direct_kill_kills_only_the_vms_qemu() {
     let qemu = Qemu::start(&vm);
     let other_qemu = Qemu::start(&other_vm);
     let decoys = [
-        // Carries `-uuid VM`, but argv[0] is not qemu.
-        Decoy::spawn("rbdfence-not-qemu", &["-uuid", vm.as_str()]),
+        // Carries the uuid after a flag that is not -uuid, and in -smbios under another key.
+        Decoy::spawn("rbdfence-not-qemu", &["-uuidx", vm.as_str()]),
+        Decoy::spawn("kvm", &["-smbios", &format!("type=1,serial={vm}")]),
         // Looks like qemu and carries the uuid, but not as the value of -uuid.
         Decoy::spawn("/usr/bin/qemu-system-x86_64", &["-name", vm.as_str()]),
         // Looks like qemu, with -uuid at the very end and no value.
@@ -260,7 +261,7 @@ async fn e2e_qemu_kvm_with_an_uppercase_uuid_is_matched() {
     let vm = random_uuid();
     // A qemu-kvm look-alike, started by hand with the uuid in upper case.
     let kvm = Decoy::spawn("/usr/libexec/qemu-kvm", &["-uuid", &vm.to_uppercase()]);
-    let bystander = Decoy::spawn("bash", &["-uuid", &vm.to_uppercase()]);
+    let bystander = Decoy::spawn("bash", &["-name", &vm.to_uppercase()]);
     let report = kill_qemu(
         &settings(&client, &kh),
         Route::Direct(&target("h57", &host)),

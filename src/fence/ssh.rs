@@ -45,13 +45,14 @@
 //!   else is [`SshError::BadOutput`] for the whole batch.
 //!
 //! # Assumptions
-//! - The remote sshd runs in the host's PID namespace with `/proc` mounted and the login user can
-//!   read every `/proc/PID/cmdline` and signal qemu (root). The script checks that `/proc/1` is
-//!   visible and that the scan finds its own shell, so a missing or hidden `/proc` is an error, but
-//!   it cannot detect a sshd running inside a container that sees only its own processes.
-//! - The VM's qemu carries its uuid as `-uuid <uuid>` (libvirt does; the match ignores the case
-//!   of hex digits), its argv\[0\] basename starts with `qemu-system-` or is `qemu-kvm`, and
-//!   argv\[0\] holds no newline (the scan's pre-filter reads the first line only).
+//! - The login user can read every `/proc/PID/cmdline` and signal qemu (root). The script
+//!   checks that it sees the host's initial PID namespace (`/proc/2/comm` is `kthreadd`: kernel
+//!   threads are visible there only), that `/proc/1` is visible and that the scan finds its own
+//!   shell; anything else is an error, never "not running". So an sshd in a container that sees
+//!   only its own processes proves nothing.
+//! - The VM's qemu carries its uuid as `-uuid <uuid>` (libvirt) or as `uuid=<uuid>` in a
+//!   `-smbios` argument (Proxmox), in any case of the hex digits. The binary's name does not
+//!   matter (`kvm`, `qemu-kvm`, `qemu-system-*`, a wrapper): every process is scanned.
 //! - The login shell is POSIX-compatible enough to run `exec /bin/sh -c '…'`, and prints nothing
 //!   on its own (a chatty `.bashrc` makes the output unparseable: [`SshError::BadOutput`]). The
 //!   script uses `sh` builtins, `printf`, `sleep`, and `awk` to read the candidates' command
@@ -106,15 +107,16 @@ const UUID_SLOT: &str = "@VM_UUIDS@";
 /// `U` holds the requested uuids (lowercase, hyphenated, separated by single spaces); it is the
 /// only variable part.
 ///
-/// Scan (once for the whole batch): for every `/proc/PID`, a fork-free pre-filter first reads the
-/// command line with the `read` builtin (shells drop the NULs and stop at the first newline, so
-/// the text always begins with argv\[0\]) and skips processes whose text has no `qemu-` in any
-/// case. The rest, the candidates, are matched on their argv: argv\[0\]'s basename must be
-/// `qemu-system-*` or `qemu-kvm`, and the argument after each `-uuid`/`--uuid` is looked up,
-/// with A–F lowercased, as a whole word of `U` — so the value is exactly one requested uuid, and
-/// a value holding a space, a newline or anything else matches nothing. A process whose values
-/// name one requested uuid is recorded as `PID:UUID`; one naming two different requested uuids
-/// is ambiguous: it is SIGKILLed too, but reported as `unknown` (attributed to no VM).
+/// Scan (once for the whole batch): first the script refuses to answer unless `/proc/2/comm` is
+/// `kthreadd` (it sees the host's initial PID namespace, not a container's). Every process
+/// whose command line can be opened is a candidate, whatever its binary is called. The
+/// candidates are matched on their argv: the argument after each `-uuid`/`--uuid`, and each
+/// comma-separated `uuid=` field of the argument after each `-smbios`/`--smbios`, is looked
+/// up, with A–F lowercased, as a whole word of `U` — so the value is exactly one requested
+/// uuid, and a value holding a space, a newline or anything else matches nothing. A process
+/// whose values name one requested uuid is recorded as `PID:UUID`; one naming two different
+/// requested uuids is ambiguous: it is SIGKILLed too, but reported as `unknown` (attributed to
+/// no VM).
 ///
 /// The match runs in two ways with the same rules and the same result:
 /// - Fast path: one `awk` (POSIX; mawk, gawk) for all candidates. It reads each
@@ -150,6 +152,9 @@ s=$(printf "\001")
 f= r= b= me=
 [ -r /proc/1/stat ] || { echo "rbdfence-kill error=no-proc"; exit 3; }
 x=
+read -r x 2>/dev/null </proc/2/comm
+[ "$x" = kthreadd ] || { echo "rbdfence-kill error=pid-namespace"; exit 3; }
+x=
 read -r x 2>/dev/null <"/proc/$$/cmdline"
 case $x in /bin/sh*) ;; *) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
 C=
@@ -160,9 +165,6 @@ for d in /proc/[0-9]*; do
       [ -d "$d" ] && r="$r $p"
       continue
     fi
-    x=
-    read -r x 2>/dev/null <"$d/cmdline"
-    case $x in *[Qq][Ee][Mm][Uu]-*) ;; *) continue ;; esac
   fi
   C="$C $p"
 done
@@ -186,12 +188,15 @@ BEGIN {
         else if (c == 3) s = s && index(x, "U=\"" u "\"\n") == 1
         continue
       }
-      if (c == 1) {
-        b = x
-        while ((k = index(b, "/")) > 0) b = substr(b, k + 1)
-        q = (substr(b, 1, 12) == "qemu-system-" || b == "qemu-kvm")
-      } else if (q && (prev == "-uuid" || prev == "--uuid") && x !~ /[^0-9A-Fa-f-]/) {
-        v = tolower(x)
+      if (c > 1 && (prev == "-uuid" || prev == "--uuid")) {
+        nv = 1; vs[1] = x
+      } else if (c > 1 && (prev == "-smbios" || prev == "--smbios")) {
+        nv = 0; nf = split(x, fs, ",")
+        for (j = 1; j <= nf; j++) if (substr(fs[j], 1, 5) == "uuid=") vs[++nv] = substr(fs[j], 6)
+      } else nv = 0
+      for (j = 1; j <= nv; j++) {
+        if (vs[j] ~ /[^0-9A-Fa-f-]/) continue
+        v = tolower(vs[j])
         if (v in want) {
           if (m == "") m = v
           else if (m != v) m = "-"
@@ -236,6 +241,12 @@ fi
 if [ -n "$ok" ]; then
   f="$f$af"; r="$r$ar"; b="$b$ab"; me=1 C=
 fi
+mt() {
+  case $1 in ""|*" "*) return 0 ;; esac
+  case " $U " in
+    *" $1 "*) if [ -z "$m" ]; then m=$1; elif [ "$m" != "$1" ]; then m=-; fi ;;
+  esac
+}
 for p in $C; do
   d=/proc/$p
   if ! c=$(tr "\000\001\nABCDEF" "\001\002\002abcdef" 2>/dev/null <"$d/cmdline"); then
@@ -248,19 +259,14 @@ for p in $C; do
   fi
   [ -n "$c" ] || continue
   ifs=$IFS; IFS=$s; set -f; set -- $c; set +f; IFS=$ifs
-  case ${1##*/} in qemu-system-*|qemu-kvm) ;; *) continue ;; esac
   m=
   while [ $# -gt 1 ]; do
     case $1 in
-      -uuid|--uuid)
-        case $2 in
-          ""|*" "*) ;;
-          *)
-            case " $U " in
-              *" $2 "*) if [ -z "$m" ]; then m=$2; elif [ "$m" != "$2" ]; then m=-; fi ;;
-            esac
-            ;;
-        esac
+      -uuid|--uuid) mt "$2" ;;
+      -smbios|--smbios)
+        ifs=$IFS; IFS=,; set -f
+        for kv in $2; do case $kv in uuid=*) mt "${kv#uuid=}" ;; esac; done
+        set +f; IFS=$ifs
         ;;
     esac
     shift
@@ -1123,6 +1129,9 @@ fn interpret(peer: &Peer, out: Output, vms: &[VmUuid]) -> Result<Vec<KillReport>
 fn parse_error_line(stdout: &str) -> Option<&'static str> {
     match stdout {
         "rbdfence-kill error=no-proc\n" => Some("no-proc: /proc is missing or hides processes"),
+        "rbdfence-kill error=pid-namespace\n" => Some(
+            "pid-namespace: the scan does not see the host's initial PID namespace (/proc/2 is not kthreadd), so it cannot prove a process gone",
+        ),
         "rbdfence-kill error=self-check\n" => {
             Some("self-check: the /proc scan did not find its own shell")
         }
@@ -1728,7 +1737,7 @@ mod tests {
             let upper = vm.to_uppercase();
             let mut target = look_alike("/usr/bin/qemu-system-x86_64", &["-uuid", &upper]);
             let mut others = [
-                look_alike("not-qemu", &["-uuid", vm.as_str()]),
+                look_alike("not-qemu", &["-uuidx", vm.as_str()]),
                 look_alike("qemu-system-x86_64", &["-name", vm.as_str()]),
                 look_alike("qemu-kvm", &["-uuid\nx", vm.as_str()]),
             ];
@@ -1779,7 +1788,7 @@ mod tests {
                 look_alike("qemu-system-x86_64", &["-uuid", d.as_str()]),
                 // Two requested uuids in one value: not a uuid at all.
                 look_alike("qemu-system-x86_64", &["-uuid", &spaced]),
-                look_alike("not-qemu", &["-uuid", a.as_str()]),
+                look_alike("not-qemu", &["-smbios", &format!("type=1,serial={a}")]),
             ];
             let batch = [c.clone(), a.clone(), b.clone()];
             let out = run_locally(shell, &batch);
@@ -1903,13 +1912,37 @@ mod tests {
         p.add("spare-newline-flag", "qemu-kvm", &["-uuid\nx", a]);
         p.add("spare-flag-after-newline", "qemu-kvm", &["x\n-uuid", a]);
         p.add("spare-ctrl-a", "qemu-kvm", &[&format!("-uuid\u{1}{a}")]);
-        p.add("spare-not-qemu", "not-qemu", &["-uuid", a]);
-        p.add("spare-upper-argv0", "/usr/bin/QEMU-KVM", &["-uuid", a]);
-        p.add("spare-xqemu-kvm", "/usr/bin/xqemu-kvm", &["-uuid", a]);
+        // The uuid is the VM's whatever the binary is called (a wrapper, Proxmox's `kvm`).
+        p.add("a-not-qemu", "not-qemu", &["-uuid", a]);
+        p.add("a-upper-argv0", "/usr/bin/QEMU-KVM", &["-uuid", a]);
+        p.add("a-kvm", "/usr/bin/kvm", &["-uuid", a]);
+        // Only in -smbios (Proxmox), as a field of a type=1 table.
+        let smbios = format!("type=1,manufacturer=x,uuid={}", a.to_uppercase());
+        p.add("a-smbios", "kvm", &["-smbios", &smbios]);
         p.add(
-            "spare-qemu-dir",
-            "/opt/qemu-system-x86_64/kvm",
-            &["-uuid", a],
+            "b-smbios-long",
+            "/usr/bin/kvm",
+            &["--smbios", &format!("type=1,uuid={b}")],
+        );
+        p.add(
+            "spare-smbios-other-key",
+            "kvm",
+            &["-smbios", &format!("type=1,serial={a}")],
+        );
+        p.add(
+            "spare-smbios-key-prefix",
+            "kvm",
+            &["-smbios", &format!("type=1,xuuid={a}")],
+        );
+        p.add(
+            "spare-uuid-field-elsewhere",
+            "kvm",
+            &["-name", &format!("uuid={a}")],
+        );
+        p.add(
+            "spare-smbios-suffix",
+            "kvm",
+            &["-smbios", &format!("type=1,uuid={a}x")],
         );
         // Text shaped like the awk's output lines, naming other processes.
         let fake = format!("vm\n{spare_name} {b}\n{spare_d} -\nend\n{spare_d} {a}");
@@ -1967,11 +2000,13 @@ mod tests {
 
     #[test]
     fn script_fast_path_and_tr_fallback_give_identical_reports() {
-        let want = "rbdfence-kill uuid=c found= killed= alive= unknown=conflict gone=1\n\
-                    rbdfence-kill uuid=a found=a-fake-lines,a-second-uuid,a-upper \
-                    killed=a-fake-lines,a-second-uuid,a-upper alive= unknown=conflict gone=1\n\
-                    rbdfence-kill uuid=b found=b-kvm-upper,b-long-flag \
-                    killed=b-kvm-upper,b-long-flag alive= unknown=conflict gone=1\n";
+        let a = "a-fake-lines,a-kvm,a-not-qemu,a-second-uuid,a-smbios,a-upper,a-upper-argv0";
+        let b = "b-kvm-upper,b-long-flag,b-smbios-long";
+        let want = format!(
+            "rbdfence-kill uuid=c found= killed= alive= unknown=conflict gone=1\n\
+             rbdfence-kill uuid=a found={a} killed={a} alive= unknown=conflict gone=1\n\
+             rbdfence-kill uuid=b found={b} killed={b} alive= unknown=conflict gone=1\n"
+        );
         // (what, awk, whether tr works). With a failing tr only the awk fast path can succeed;
         // the stand-ins must make the script fall back to tr.
         let modes = [
