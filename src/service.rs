@@ -1,7 +1,14 @@
-//! The service around the engine: one fence per VM at a time, `request_id` replays, fences
-//! that finish even when the caller goes away, and a graceful shutdown that waits for them.
+//! The service around the engine: identical requests share one fence while it runs,
+//! `request_id` replays, fences that finish even when the caller goes away, and a graceful
+//! shutdown that waits for them.
+//!
+//! A request joins another's fence only while that fence runs: the shared entry is removed by
+//! the fence's own task when it ends, never by a caller (a caller may disconnect, or get the
+//! 504), so a finished fence is never handed to a later request. Only a repeated `request_id`
+//! gets a recorded answer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +24,15 @@ use crate::fence::record::{EvidenceReport, FenceRecord, FenceReply};
 use crate::metrics::Metrics;
 
 type FenceFuture = Shared<BoxFuture<'static, Arc<FenceRecord>>>;
+
+/// A fence in flight that identical requests may join.
+struct InFlight {
+    /// Tells this fence's entry from a later one under the same key.
+    generation: u64,
+    fut: FenceFuture,
+    /// The `request_id`s of requests that joined it, aliased to its fence id when it ends.
+    joined: Arc<Mutex<Vec<String>>>,
+}
 
 /// What makes two requests the same fence: the VM, its hosts, its volumes, and dry-run.
 type FenceKey = (String, String, String, Vec<String>, bool);
@@ -70,9 +86,10 @@ pub struct Service {
     pub config: Config,
     /// The bearer token every /v1 and /ha call needs, when configured.
     pub token: Option<String>,
-    in_flight: Mutex<HashMap<FenceKey, FenceFuture>>,
+    in_flight: Mutex<HashMap<FenceKey, InFlight>>,
     /// request_id → fence_id for requests that joined another request's fence.
     aliases: Mutex<HashMap<String, String>>,
+    generation: AtomicU64,
     tracker: TaskTracker,
 }
 
@@ -92,6 +109,7 @@ impl Service {
             token,
             in_flight: Mutex::default(),
             aliases: Mutex::default(),
+            generation: AtomicU64::new(0),
             tracker: TaskTracker::new(),
         })
     }
@@ -130,50 +148,87 @@ impl Service {
             }
             return Ok(r);
         }
-        let (fut, joined) = {
+        let fut = {
             let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match map.get(&key) {
-                Some(f) => (f.clone(), true),
-                None => {
-                    let engine = self.engine.clone();
+                // Join only a fence still running: a finished one answered an earlier request.
+                Some(f) if f.fut.peek().is_none() => {
+                    if let Some(id) = &req.request_id {
+                        f.joined
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(id.clone());
+                    }
+                    f.fut.clone()
+                }
+                _ => {
+                    let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                    let joined = Arc::new(Mutex::new(Vec::new()));
+                    let task = self.tracker.spawn(Arc::clone(self).run_fence(
+                        req.clone(),
+                        key.clone(),
+                        generation,
+                        joined.clone(),
+                    ));
                     let r = req.clone();
-                    let task = self.tracker.spawn(async move { engine.fence(&r).await });
-                    let (r, engine) = (req.clone(), self.engine.clone());
-                    let f = async move {
-                        let record = match task.await {
-                            Ok(record) => record,
-                            Err(e) => {
-                                // Still a recorded decision (rule 5); a deny whatever the ledger says.
-                                let record = internal_error(&r, &format!("the fence task failed: {e}"));
-                                if let Err(le) = engine.ledger.record(record.clone()).await {
-                                    tracing::error!(error = %le, "cannot record the internal-error deny");
-                                }
-                                record
-                            }
-                        };
-                        Arc::new(record)
+                    let fut = async move {
+                        task.await.unwrap_or_else(|e| {
+                            // Only if the service's own wrapper panicked; the fence is not known.
+                            Arc::new(internal_error(&r, &format!("the fence task failed: {e}")))
+                        })
                     }
                     .boxed()
                     .shared();
-                    map.insert(key.clone(), f.clone());
-                    (f, false)
+                    map.insert(
+                        key,
+                        InFlight {
+                            generation,
+                            fut: fut.clone(),
+                            joined,
+                        },
+                    );
+                    fut
                 }
             }
         };
-        let record = fut.clone().await;
+        Ok((*fut.await).clone())
+    }
+
+    /// One fence as its own task: runs it (a panic becomes a recorded internal-error deny),
+    /// then ends the shared entry and records the aliases of the requests that joined it,
+    /// whether or not anyone still waits for the answer.
+    async fn run_fence(
+        self: Arc<Self>,
+        req: FenceRequest,
+        key: FenceKey,
+        generation: u64,
+        joined: Arc<Mutex<Vec<String>>>,
+    ) -> Arc<FenceRecord> {
+        let engine = self.engine.clone();
+        let r = req.clone();
+        let record = match tokio::spawn(async move { engine.fence(&r).await }).await {
+            Ok(record) => record,
+            Err(e) => {
+                // Still a recorded decision (rule 5); a deny whatever the ledger says.
+                let record = internal_error(&req, &format!("the fence task failed: {e}"));
+                self.engine.ledger.record_deny(record.clone()).await;
+                record
+            }
+        };
         {
             let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&key).is_some_and(|f| f.ptr_eq(&fut)) {
+            if map.get(&key).is_some_and(|f| f.generation == generation) {
                 map.remove(&key);
             }
         }
-        if joined && let Some(id) = &req.request_id {
-            self.aliases
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone(), record.reply.fence_id.clone());
+        let ids = std::mem::take(&mut *joined.lock().unwrap_or_else(|p| p.into_inner()));
+        if !ids.is_empty() {
+            let mut aliases = self.aliases.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                aliases.insert(id, record.reply.fence_id.clone());
+            }
         }
-        Ok((*record).clone())
+        Arc::new(record)
     }
 
     /// Stops taking fences and waits (bounded) for those in flight to be recorded.

@@ -13,6 +13,9 @@ use super::record::FenceRecord;
 
 /// Records kept in memory.
 pub const MEMORY_LIMIT: usize = 10_000;
+/// How long one durable write may take before it counts as failed: a hung file system must
+/// not wedge a fence.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("ledger {path}: {source}")]
@@ -68,25 +71,49 @@ impl Ledger {
     }
 
     /// Records one decision: appended and synced to the file first (when there is one), then
-    /// kept in memory. Blocking file I/O runs off the async threads.
+    /// kept in memory. Blocking file I/O runs off the async threads, bounded by
+    /// [`WRITE_TIMEOUT`] (a write still hanging then is left to its thread and counts as failed).
     pub async fn record(&self, record: FenceRecord) -> Result<(), LedgerError> {
         if let Some(path) = self.file.clone() {
-            let line = serde_json::to_string(&record).unwrap_or_default();
+            let line = serde_json::to_string(&record).map_err(|e| LedgerError {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
             let p = path.clone();
-            let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let write = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                 let mut f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&p)?;
                 f.write_all(format!("{line}\n").as_bytes())?;
                 f.sync_data()
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            });
+            let written = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+                Ok(joined) => joined.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no write within {WRITE_TIMEOUT:?}"),
+                )),
+            };
             written.map_err(|source| LedgerError { path, source })?;
         }
         push_bounded(&mut self.lock(), record);
         Ok(())
+    }
+
+    /// Records a deny that must not be lost although the ledger may be failing (a
+    /// `ledger-failed` or `internal-error` deny): durably if the ledger takes it, else at least
+    /// in memory (so a replay of its `request_id` does not act again) and in the error log.
+    pub async fn record_deny(&self, record: FenceRecord) {
+        if let Err(e) = self.record(record.clone()).await {
+            tracing::error!(
+                fence_id = %record.reply.fence_id,
+                error = %e,
+                record = %serde_json::to_string(&record).unwrap_or_default(),
+                "the ledger cannot record this deny; kept in memory only"
+            );
+            push_bounded(&mut self.lock(), record);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FenceRecord>> {
