@@ -349,16 +349,25 @@ async fn sibling_fence_vm(
         vm: check_vm("vmUuid", &b.vm_uuid)?,
         failed_host,
         target_host,
-        volumes: check_volumes("volumes", b.volumes, false)?,
+        volumes: check_volumes("volumes", b.volumes, svc.config.zstack.require_volumes)?,
         dry_run: false,
     };
     let r = run_fence(&svc, req).await?.reply;
     let approved = r.approved();
     let kill = r.evidence.kill.clone();
+    // Alive unless the scan confirmed the qemu gone: an approval on the storage fence alone
+    // says nothing of the process (it may be alive but unable to write).
+    let gone = approved
+        && matches!(
+            r.outcome.as_str(),
+            "success-killed" | "success-already-dead"
+        );
     Ok(axum::Json(json!({
         "success": approved,
         "error": if approved { Value::Null } else { Value::from(r.message.clone()) },
-        "alive": !approved,
+        "alive": !gone,
+        "withoutVolumes": r.evidence.without_volumes,
+        "scope": r.evidence.blocklist.as_ref().map(|b| b.scope),
         "killed": kill.as_ref().is_some_and(|k| k.killed),
         "sshReachable": kill.as_ref().is_some_and(|k| k.ssh_reachable),
         "qemuFound": kill.as_ref().is_some_and(|k| k.qemu_found),
@@ -473,7 +482,14 @@ async fn unfence(
         .ledger
         .recent(crate::fence::ledger::MEMORY_LIMIT)
         .into_iter()
-        .filter(|r| r.failed_host == uuid && r.reply.outcome == "success-ssh-unreachable")
+        .filter(|r| {
+            r.failed_host == uuid
+                && r.reply.approved()
+                && matches!(
+                    r.reply.reason.as_str(),
+                    "ssh-unreachable" | "storage-fenced"
+                )
+        })
         .map(|r| r.vm_uuid)
         .collect();
     if !unconfirmed.is_empty() && !opts.force {
@@ -508,7 +524,10 @@ async fn unfence(
         let ours = match entry {
             BlocklistEntry::Addr(a) if a.port == 0 && a.nonce == 0 => host.owns(a.ip),
             BlocklistEntry::Addr(a) => opts.include_exact.unwrap_or(true) && host.owns(a.ip),
-            BlocklistEntry::Range(_) => false,
+            // The distinct cover a fence makes when an older whole-IP entry lapses too soon.
+            BlocklistEntry::Range(c) => {
+                c.prefix == if c.ip.is_ipv4() { 32 } else { 128 } && host.owns(c.ip)
+            }
         };
         if ours {
             ceph.blocklist_rm(entry).await.map_err(|e| {

@@ -40,7 +40,19 @@ pub struct Config {
     pub fence: FenceSection,
     pub ssh: SshSection,
     #[serde(default)]
+    pub zstack: ZstackSection,
+    #[serde(default)]
     pub hosts: Vec<HostEntry>,
+}
+
+/// The ZStack endpoint (`POST /ha/sibling-fence-vm`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZstackSection {
+    /// Refuse (400) a request that names no volume: without volumes there is no Ceph evidence,
+    /// so no VM fence and no check that the VM runs elsewhere. Off by default (drop-in).
+    #[serde(default)]
+    pub require_volumes: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::fence::decision::{ApproveReason, Decision, DenyReason, Outcome};
+use crate::fence::decision::{ApproveReason, Decision, DenyReason, Outcome, Scope};
 use crate::fence::driver::{FenceObserver, Stage};
 use crate::fence::record::FenceRecord;
 use crate::rbd::{CephError, Op};
@@ -90,6 +90,11 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: &'static str,
 }
@@ -124,6 +129,8 @@ pub struct Metrics {
     registry: Registry,
     outcomes: Family<OutcomeLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    scopes: Family<ScopeLabels, Counter>,
+    without_volumes: Counter,
     fence_duration: Histogram,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     ceph_calls: Family<CephCallLabels, Counter>,
@@ -147,6 +154,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let outcomes = Family::<OutcomeLabels, Counter>::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
+        let scopes = Family::<ScopeLabels, Counter>::default();
+        let without_volumes = Counter::default();
         let fence_duration = histogram();
         let stage_duration =
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
@@ -165,6 +174,16 @@ impl Metrics {
             "rbdfence_fence_decisions",
             "Fence decisions by decision and reason",
             decisions.clone(),
+        );
+        registry.register(
+            "rbdfence_fence_scope",
+            "Approvals by the scope of the storage fence they rest on",
+            scopes.clone(),
+        );
+        registry.register(
+            "rbdfence_fences_without_volumes",
+            "Fences decided without Ceph evidence: the request named no volume",
+            without_volumes.clone(),
         );
         registry.register(
             "rbdfence_fence_duration_seconds",
@@ -230,6 +249,9 @@ impl Metrics {
                 reason: r.as_str(),
             });
         }
+        for s in Scope::ALL {
+            let _ = scopes.get_or_create(&ScopeLabels { scope: s.as_str() });
+        }
         for s in Stage::ALL {
             let _ = stage_duration.get_or_create(&StageLabels { stage: s.as_str() });
         }
@@ -241,6 +263,8 @@ impl Metrics {
             registry,
             outcomes,
             decisions,
+            scopes,
+            without_volumes,
             fence_duration,
             stage_duration,
             ceph_calls,
@@ -370,6 +394,22 @@ impl FenceObserver for Metrics {
                 reason: decision.reason(),
             })
             .inc();
+        if decision.is_approve() {
+            let scope = record
+                .reply
+                .evidence
+                .blocklist
+                .as_ref()
+                .map_or(Scope::None, |b| b.scope);
+            self.scopes
+                .get_or_create(&ScopeLabels {
+                    scope: scope.as_str(),
+                })
+                .inc();
+        }
+        if record.reply.evidence.without_volumes && !record.dry_run {
+            self.without_volumes.inc();
+        }
         self.fence_duration
             .observe(record.reply.duration_ms as f64 / 1e3);
         if let Some(b) = &record.reply.evidence.blocklist

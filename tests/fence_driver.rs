@@ -24,7 +24,9 @@ type Answer = Arc<dyn Fn(&str) -> Result<KillReport, SshError> + Send + Sync>;
 struct FakeCeph {
     log: Log,
     status: Arc<Mutex<Vec<(String, ImageStatus)>>>,
-    listed: Arc<Mutex<Vec<String>>>,
+    /// Entries with their expiry (RFC 3339); like Ceph, adding an entry that exists keeps
+    /// its old expiry.
+    listed: Arc<Mutex<Vec<(String, String)>>>,
     fail_add: bool,
     hang_status: bool,
     drop_from_ls: bool,
@@ -68,7 +70,7 @@ impl CephPort for FakeCeph {
     async fn blocklist_add(
         &self,
         entry: BlocklistEntry,
-        _expire: Duration,
+        expire: Duration,
     ) -> Result<(), CephError> {
         self.log.lock().unwrap().push(format!("add {entry}"));
         // A monitor commit takes time; overlapping fences must share it.
@@ -81,9 +83,24 @@ impl CephPort for FakeCeph {
                 "access denied",
             ));
         }
-        if !self.drop_from_ls {
-            self.listed.lock().unwrap().push(entry.to_string());
+        let mut listed = self.listed.lock().unwrap();
+        if !self.drop_from_ls && !listed.iter().any(|(e, _)| *e == entry.to_string()) {
+            let until = time::OffsetDateTime::now_utc() + expire;
+            listed.push((
+                entry.to_string(),
+                until
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap(),
+            ));
         }
+        Ok(())
+    }
+    async fn blocklist_rm(&self, entry: BlocklistEntry) -> Result<(), CephError> {
+        self.log.lock().unwrap().push(format!("rm {entry}"));
+        self.listed
+            .lock()
+            .unwrap()
+            .retain(|(e, _)| *e != entry.to_string());
         Ok(())
     }
     async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
@@ -96,10 +113,10 @@ impl CephPort for FakeCeph {
             .lock()
             .unwrap()
             .iter()
-            .map(|e| BlocklistItem {
+            .map(|(e, until)| BlocklistItem {
                 entry: e.clone(),
                 kind: "addr".into(),
-                until: String::new(),
+                until: until.clone(),
             })
             .collect())
     }
@@ -259,9 +276,12 @@ async fn fences_storage_first_then_kills_through_a_bystander_sibling() {
     let first_kill = log.iter().position(|c| c.starts_with("kill")).unwrap();
     let last_add = log.iter().rposition(|c| c.starts_with("add")).unwrap();
     assert!(last_add < first_kill, "blocklist before SSH: {log:?}");
-    assert!(
-        log.contains(&"add 127.0.0.2:0/0".to_string())
-            && log.contains(&"add 127.0.0.2:0/99".to_string())
+    // The evidence names the VM's client: fence exactly it, never the whole host.
+    assert!(log.contains(&"add 127.0.0.2:0/99".to_string()), "{log:?}");
+    assert!(!log.contains(&"add 127.0.0.2:0/0".to_string()), "{log:?}");
+    assert_eq!(
+        r.reply.evidence.blocklist.as_ref().map(|b| b.scope),
+        Some(rbdfence::fence::decision::Scope::Vm)
     );
     // h3 is a bystander sibling; h2 (the HA target) would only be used after it.
     assert_eq!(log[first_kill], "kill via h3 to h1 x1");
@@ -346,8 +366,10 @@ async fn ssh_timeout_without_a_blocklist_is_a_deny() {
     assert!(r.reply.message.contains("EACCES"), "{}", r.reply.message);
 }
 
+/// Revision 2, rule 1(c): a confirmed kill approves only with every client the evidence
+/// showed fenced; and a host that confirmed the VM gone is never fenced whole for it.
 #[tokio::test]
-async fn blocklist_failed_but_kill_confirmed_approves() {
+async fn a_confirmed_kill_without_the_vms_clients_fenced_is_a_deny() {
     let s = setup(
         FakeCeph {
             fail_add: true,
@@ -357,10 +379,16 @@ async fn blocklist_failed_but_kill_confirmed_approves() {
     );
     let r = s.engine.fence(&request()).await;
     assert_eq!(
-        (r.reply.decision.as_str(), r.reply.outcome.as_str()),
-        ("approve", "success-killed")
+        (r.reply.decision.as_str(), r.reply.reason.as_str()),
+        ("deny", "blocklist-failed"),
+        "{}",
+        r.reply.message
     );
     assert!(r.reply.evidence.blocklist.unwrap().error.is_some());
+    assert!(
+        !calls(&s.log).contains(&"add 127.0.0.2:0/0".to_string()),
+        "the host is not fenced whole"
+    );
 }
 
 #[tokio::test]
@@ -551,8 +579,14 @@ async fn many_vms_of_one_host_share_one_storage_fence_and_one_ssh_session() {
         assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
     }
     let log = calls(&s.log);
-    let whole_ip_adds = log.iter().filter(|c| *c == "add 127.0.0.2:0/0").count();
-    assert_eq!(whole_ip_adds, 1, "one storage fence for the host: {log:?}");
+    let exact_adds = log
+        .iter()
+        .filter(|c| c.starts_with("add 127.0.0.2:0/10"))
+        .count();
+    assert_eq!(exact_adds, 20, "each VM's own client: {log:?}");
+    assert!(!log.contains(&"add 127.0.0.2:0/0".to_string()), "{log:?}");
+    let confirmations = log.iter().filter(|c| *c == "wait-osdmap").count();
+    assert_eq!(confirmations, 1, "one storage batch for the host: {log:?}");
     let kills: Vec<&String> = log.iter().filter(|c| c.starts_with("kill")).collect();
     assert_eq!(
         kills,

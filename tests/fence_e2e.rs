@@ -70,9 +70,15 @@ async fn e2e_empty_watcher_race_is_fenced_and_killed_through_a_sibling() {
             > 0
     );
     assert!(vm.wait_gone(Duration::from_secs(5)), "the qemu is gone");
+    // The stale lock owner names the VM's client: it is fenced, not the whole host.
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
     assert!(
-        listed("127.0.0.61:0/0").await,
+        listed(&status.lock_owners[0].address).await,
         "the blocklist entry is present"
+    );
+    assert!(
+        !listed("127.0.0.61:0/0").await,
+        "the host is not fenced whole"
     );
     assert!(
         stack.ledger().contains(reply["fence_id"].as_str().unwrap()),
@@ -101,7 +107,11 @@ async fn e2e_ssh_unreachable_is_approved_only_because_the_blocklist_holds() {
         "{reply:#}"
     );
     assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
-    assert!(listed("127.0.0.64:0/0").await);
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
+    assert!(
+        !listed("127.0.0.64:0/0").await,
+        "the host is not fenced whole"
+    );
 
     vm.thaw();
     assert!(vm.alive(), "nobody killed it: SSH never reached the host");

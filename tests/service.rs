@@ -4,7 +4,7 @@
 //! Tests named e2e_* drive real VMs and run one at a time (nextest test group).
 //!
 //! Loopback addresses used: 127.0.0.91 – 127.0.0.99, 127.0.0.101 – 127.0.0.119 and
-//! 127.0.0.161 – 127.0.0.163.
+//! 127.0.0.161 – 127.0.0.166.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -282,8 +282,8 @@ async fn e2e_pre_instantiate_approves_records_and_replays_without_acting_again()
     assert_eq!(svc.get("/v1/fences/nope").await.0, 404);
     assert_eq!(
         svc.metric("rbdfence_blocklist_entries").await,
-        2.0,
-        "IP:0/0 and the VM's exact address"
+        1.0,
+        "the VM's exact address (scope vm), not the whole host"
     );
 
     // Unfence lifts the host's entries.
@@ -865,5 +865,61 @@ async fn e2e_a_caller_that_gave_up_never_hands_its_answer_to_a_later_incident() 
     assert!(
         listed.iter().any(|i| i.entry == "127.0.0.161:0/0"),
         "the host is fenced again: {listed:?}"
+    );
+}
+
+/// The ZStack endpoint without volumes (a drop-in for ZStack's own message): allowed, but with
+/// no Ceph evidence there is no VM fence and no running-elsewhere check; the reply, the ledger
+/// and a metric say so. `[zstack] require_volumes = true` makes such a request a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_the_zstack_endpoint_without_volumes_says_it_has_no_evidence() {
+    let mut stack = Stack::new(164);
+    let svc = Running::start(&stack).await;
+    let img = TestImage::create("api-zstack-novol");
+    let uuid = new_uuid();
+    let vm = Vm::start(&img, "127.0.0.164", &uuid);
+    vm.write(0, 1);
+    let body = json!({"failedHostUuid": "h1", "vmUuid": uuid, "clusterUuid": "c1",
+                      "haTargetHostUuid": "h2"});
+    let (status, reply) = svc.post("/ha/sibling-fence-vm", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["success"], true, "{reply:#}");
+    assert_eq!(reply["withoutVolumes"], true, "{reply:#}");
+    assert_eq!(reply["reason"], "killed", "{reply:#}");
+    assert_eq!(
+        reply["scope"], "none",
+        "no evidence names a client: {reply:#}"
+    );
+    assert!(vm.wait_gone(Duration::from_secs(5)));
+    let (_, rec) = svc
+        .get(&format!(
+            "/v1/fences/{}",
+            reply["fenceId"].as_str().unwrap()
+        ))
+        .await;
+    let rec: Value = serde_json::from_str(&rec).unwrap();
+    assert_eq!(rec["evidence"]["without_volumes"], true, "{rec:#}");
+    assert_eq!(
+        svc.metric("rbdfence_fences_without_volumes_total").await,
+        1.0
+    );
+    assert_eq!(
+        svc.metric("rbdfence_fence_scope_total{scope=\"none\"}")
+            .await,
+        1.0
+    );
+
+    stack.api_extra = "[zstack]\nrequire_volumes = true\n".into();
+    stack.write_config("rbdfence", &common::cluster().conf.clone());
+    let strict = Running::start(&stack).await;
+    let (status, refused) = strict.post("/ha/sibling-fence-vm", &body).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["field"], "volumes", "{refused}");
+    let (_, list) = strict.get("/v1/fences").await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        list["fences"].as_array().unwrap().len(),
+        1,
+        "nothing was done for the refused request"
     );
 }

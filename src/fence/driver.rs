@@ -27,7 +27,7 @@
 //! blocklist → the blocklist is failed (deny unless the kill is confirmed); SSH errors → the
 //! kill is `Unreachable` (approve only with a confirmed blocklist).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,13 +35,15 @@ use std::time::{Duration, Instant};
 use futures::future::{BoxFuture, FutureExt, Shared, join_all};
 
 use super::decision::{
-    BlocklistConfirmed, Context, Decision, DenyReason, EvidenceFailure, ExecutorRole,
-    KillObservation, KillResult, Observed, Step, Verdict, VolumeEvidence, next_step,
+    BlocklistConfirmed, BlocklistFailure, Context, Decision, DenyReason, EvidenceFailure,
+    ExecutorRole, FenceResult, KillObservation, KillResult, LastingEntry, Observed, Scope, Step,
+    Verdict, VolumeEvidence, next_step,
 };
 use super::inventory::{Host, Inventory};
 use super::ledger::Ledger;
 use super::record::{
-    BlocklistReport, EvidenceReport, FenceRecord, FenceReply, KillReportJson, VolumeReport,
+    BlocklistReport, EntryExpiry, EvidenceReport, FenceRecord, FenceReply, KillReportJson,
+    VolumeReport,
 };
 use super::ssh::{KillReport, Route, SshError, SshSettings, SshTarget};
 use super::vm::VmUuid;
@@ -84,6 +86,10 @@ pub trait CephPort: Clone + Send + Sync + 'static {
         &self,
         entry: BlocklistEntry,
         expire: Duration,
+    ) -> impl Future<Output = Result<(), CephError>> + Send;
+    fn blocklist_rm(
+        &self,
+        entry: BlocklistEntry,
     ) -> impl Future<Output = Result<(), CephError>> + Send;
     fn wait_for_latest_osdmap(&self) -> impl Future<Output = Result<(), CephError>> + Send;
     fn blocklist_ls(&self) -> impl Future<Output = Result<Vec<BlocklistItem>, CephError>> + Send;
@@ -199,7 +205,12 @@ pub trait FenceObserver: Send + Sync {
 /// share the storage fence), so a short window gathers them into one session.
 pub const KILL_GATHER_WINDOW: Duration = Duration::from_millis(20);
 
-/// The storage fence of one host, shared by every request whose entries it covers.
+/// How long a storage batch stays open for other requests of the same host and scope before
+/// its entries are added: requests for many VMs of one host arrive together, and their entries
+/// then share one monitor proposal and one confirmation.
+pub const STORAGE_GATHER_WINDOW: Duration = Duration::from_millis(10);
+
+/// One storage batch: the adds and the confirmation for every entry that joined it.
 type StorageFuture = Shared<BoxFuture<'static, Arc<StorageOutcome>>>;
 /// One SSH session for a batch of VMs of one host.
 type KillFuture = Shared<BoxFuture<'static, Arc<BatchOutcome>>>;
@@ -243,10 +254,21 @@ impl<S> Connection<S> {
     }
 }
 
+/// What one storage batch confirmed, entry by entry.
 struct StorageOutcome {
-    result: Result<u64, String>,
+    /// For each entry asked for, the lasting entry that fences it (itself, or a distinct
+    /// covering entry when it lapses too soon), or why none could be had.
+    entries: HashMap<BlocklistEntry, Result<LastingEntry, BlocklistFailure>>,
+    osdmap_epoch: u64,
     add: Duration,
     confirm: Duration,
+}
+
+struct StorageBatch {
+    scope: Scope,
+    /// `Some` while the batch is open for joining; taken when its adds start.
+    entries: Arc<Mutex<Option<BTreeSet<BlocklistEntry>>>>,
+    fut: StorageFuture,
 }
 
 struct KillBatch {
@@ -263,6 +285,14 @@ enum BatchOutcome {
         notes: Vec<String>,
         reports: HashMap<VmUuid, KillReport>,
     },
+    /// A verified session reached the failed host, but the kill command gave no trustworthy
+    /// answer (the scan refused: another PID namespace, a failed self-check; bad output; the
+    /// command timed out).
+    NoAnswer {
+        executor: Option<String>,
+        role: ExecutorRole,
+        detail: String,
+    },
     /// No verified session to the failed host.
     Unreachable {
         executor: Option<String>,
@@ -272,7 +302,7 @@ enum BatchOutcome {
 }
 
 struct HostState<S> {
-    storage: Option<(Vec<BlocklistEntry>, StorageFuture)>,
+    storage: Vec<StorageBatch>,
     kill: Option<KillBatch>,
     connection: Option<ConnectFuture<S>>,
 }
@@ -280,7 +310,7 @@ struct HostState<S> {
 impl<S> Default for HostState<S> {
     fn default() -> Self {
         HostState {
-            storage: None,
+            storage: Vec::new(),
             kill: None,
             connection: None,
         }
@@ -374,14 +404,15 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let ctx = Context {
             failed,
             target_known,
+            inventory: &self.inventory,
             own_addrs: &own_addrs,
             dry_run: req.dry_run,
         };
         let mut obs = Observed::default();
         let mut stages: BTreeMap<Stage, Duration> = BTreeMap::new();
-        let mut planned: Vec<BlocklistEntry> = Vec::new();
+        let mut planned: BTreeMap<Scope, Vec<BlocklistEntry>> = BTreeMap::new();
         // Each step fills one `None` field of `obs`, and `next_step` only asks for a step whose
-        // field is `None`, so the loop ends after at most three steps.
+        // field is `None`, so the loop ends after at most four steps.
         let verdict = loop {
             match next_step(&ctx, &obs) {
                 Step::GatherEvidence => {
@@ -389,11 +420,16 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                     obs.evidence = Some(self.gather(&req.volumes, deadline).await);
                     stages.insert(Stage::Evidence, t.elapsed());
                 }
-                Step::Blocklist(entries) => {
-                    planned = entries.clone();
+                Step::Blocklist { scope, entries } => {
+                    planned.insert(scope, entries.clone());
                     let host = req.failed_host.clone();
-                    obs.blocklist =
-                        Some(self.blocklist(host, entries, deadline, &mut stages).await);
+                    let result = self
+                        .blocklist(host, scope, entries, deadline, &mut stages)
+                        .await;
+                    match scope {
+                        Scope::Vm => obs.vm_fence = Some(result),
+                        Scope::Host | Scope::None => obs.host_fence = Some(result),
+                    }
                 }
                 Step::Kill => {
                     let t = Instant::now();
@@ -406,7 +442,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                         None => unreachable_kill("failed host unknown"),
                     };
                     obs.kill = Some(kill);
-                    stages.insert(Stage::Ssh, t.elapsed());
+                    *stages.entry(Stage::Ssh).or_default() += t.elapsed();
                 }
                 Step::Decide(v) => break v,
             }
@@ -431,6 +467,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                 "the decision ({}) could not be recorded: {e}",
                 verdict.decision
             );
+            self.ledger.record_deny(record.clone()).await;
         }
         tracing::info!(
             target: "rbdfence::audit",
@@ -442,6 +479,8 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             decision = %record.reply.decision,
             outcome = %record.reply.outcome,
             reason = %record.reply.reason,
+            scope = record.reply.evidence.blocklist.as_ref().map_or("none", |b| b.scope.as_str()),
+            without_volumes = record.reply.evidence.without_volumes,
             duration_ms = record.reply.duration_ms,
             evidence = %serde_json::to_string(&record.reply.evidence).unwrap_or_default(),
             message = %record.reply.message,
@@ -499,68 +538,78 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         }
     }
 
-    /// The storage fence for `entries` (all of one failed host): joins the host's fence in
-    /// flight when that covers every entry (many VMs of one host share one), else runs one
-    /// after it. The fence is a shared future that every waiter drives, so a waiter that gives
-    /// up (its deadline) does not cancel it for the others; a later joiner resumes it, and its
-    /// confirmation (osdmap, listing, epoch) is then read at that time.
+    /// The storage fence for `entries` (all of one failed host, of one scope): joins the
+    /// host's open batch of that scope (many VMs of one host share one monitor proposal and
+    /// one confirmation), or opens one. A batch already adding is never joined: its
+    /// confirmation may predate this request's evidence. The batch runs as a shared future
+    /// that every waiter drives, bounded by the blocklist timeout inside, so a waiter that
+    /// gives up does not cancel it for the others.
     async fn blocklist(
         &self,
         host: String,
+        scope: Scope,
         entries: Vec<BlocklistEntry>,
         deadline: Instant,
         stages: &mut BTreeMap<Stage, Duration>,
-    ) -> Result<BlocklistConfirmed, String> {
+    ) -> FenceResult {
         let fut = {
             let mut hosts = self.hosts();
             let st = hosts.entry(host.clone()).or_default();
-            match &st.storage {
-                // Join only a fence still running: a finished one proves nothing about now.
-                Some((covered, fut))
-                    if fut.peek().is_none()
-                        && entries.iter().all(|e| covered.iter().any(|c| c.covers(e))) =>
-                {
-                    fut.clone()
-                }
-                other => {
-                    let before = other.as_ref().map(|(_, f)| f.clone());
-                    let fut =
-                        storage_fence(self.ceph.clone(), entries.clone(), self.settings, before)
-                            .boxed()
-                            .shared();
-                    st.storage = Some((entries.clone(), fut.clone()));
+            st.storage.retain(|b| b.fut.peek().is_none());
+            let joined = st.storage.iter().find(|b| b.scope == scope).and_then(|b| {
+                let mut open = b.entries.lock().unwrap_or_else(|p| p.into_inner());
+                open.as_mut().map(|set| {
+                    set.extend(entries.iter().copied());
+                    b.fut.clone()
+                })
+            });
+            match joined {
+                Some(f) => f,
+                None => {
+                    let set = Arc::new(Mutex::new(Some(entries.iter().copied().collect())));
+                    let fut = storage_batch(self.ceph.clone(), set.clone(), self.settings)
+                        .boxed()
+                        .shared();
+                    st.storage.push(StorageBatch {
+                        scope,
+                        entries: set,
+                        fut: fut.clone(),
+                    });
                     fut
                 }
             }
         };
         let waited = Instant::now();
-        let outcome = bounded(self.settings.blocklist_timeout, deadline, fut.clone()).await;
-        {
-            let mut hosts = self.hosts();
-            if let Some(st) = hosts.get_mut(&host)
-                && st.storage.as_ref().is_some_and(|(_, f)| f.ptr_eq(&fut))
-                && fut.peek().is_some()
-            {
-                st.storage = None;
+        let budget = self.settings.blocklist_timeout + STORAGE_GATHER_WINDOW + WAITER_SLACK;
+        let outcome = bounded(budget, deadline, fut).await;
+        let Some(o) = outcome else {
+            *stages.entry(Stage::Blocklist).or_default() += waited.elapsed();
+            return Err(BlocklistFailure::Failed(
+                "the blocklist was not confirmed in the osdmap within the blocklist timeout".into(),
+            ));
+        };
+        *stages.entry(Stage::Blocklist).or_default() += o.add;
+        *stages.entry(Stage::Osdmap).or_default() += o.confirm;
+        let mut confirmed: Vec<LastingEntry> = Vec::new();
+        for e in &entries {
+            match o.entries.get(e) {
+                Some(Ok(l)) => {
+                    if !confirmed.contains(l) {
+                        confirmed.push(l.clone());
+                    }
+                }
+                Some(Err(f)) => return Err(f.clone()),
+                None => {
+                    return Err(BlocklistFailure::Failed(format!(
+                        "{e}: the storage batch did not report it"
+                    )));
+                }
             }
         }
-        match outcome {
-            Some(o) => {
-                stages.insert(Stage::Blocklist, o.add);
-                stages.insert(Stage::Osdmap, o.confirm);
-                o.result.clone().map(|epoch| BlocklistConfirmed {
-                    entries,
-                    osdmap_epoch: epoch,
-                })
-            }
-            None => {
-                stages.insert(Stage::Blocklist, waited.elapsed());
-                Err(
-                    "the blocklist was not confirmed in the osdmap within the blocklist timeout"
-                        .into(),
-                )
-            }
-        }
+        Ok(BlocklistConfirmed {
+            entries: confirmed,
+            osdmap_epoch: o.osdmap_epoch,
+        })
     }
 
     /// The failed host's session being opened (or opened and unused), or a new one.
@@ -671,6 +720,18 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         match bounded(self.settings.ssh_timeout, deadline, fut).await {
             None => unreachable_kill("no verified SSH answer within the ssh timeout"),
             Some(outcome) => match outcome.as_ref() {
+                BatchOutcome::NoAnswer {
+                    executor,
+                    role,
+                    detail,
+                } => KillObservation {
+                    result: KillResult::Unconfirmed,
+                    executor: executor.clone(),
+                    role: role.to_owned(),
+                    qemu_found: false,
+                    killed: false,
+                    detail: detail.clone(),
+                },
                 BatchOutcome::Unreachable {
                     executor,
                     role,
@@ -702,7 +763,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         req: &FenceRequest,
         started_at: String,
         obs: &Observed,
-        planned: &[BlocklistEntry],
+        planned: &BTreeMap<Scope, Vec<BlocklistEntry>>,
         verdict: Verdict,
         stages: &BTreeMap<Stage, Duration>,
         elapsed: Duration,
@@ -711,11 +772,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             Some(Ok(v)) => v.iter().map(VolumeReport::from).collect(),
             _ => Vec::new(),
         };
-        let blocklist = obs.blocklist.as_ref().map(|b| BlocklistReport {
-            entries: planned.iter().map(ToString::to_string).collect(),
-            osdmap_epoch: b.as_ref().ok().map(|c| c.osdmap_epoch),
-            error: b.as_ref().err().cloned(),
-        });
+        let blocklist = blocklist_report(obs, planned, &verdict);
         let kill = obs.kill.as_ref().map(|k| KillReportJson {
             executor: k.executor.clone(),
             role: k.role,
@@ -744,6 +801,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                 reason: d.reason().into(),
                 message: verdict.message,
                 evidence: EvidenceReport {
+                    without_volumes: req.volumes.is_empty(),
                     volumes,
                     blocklist,
                     kill,
@@ -754,73 +812,320 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
     }
 }
 
-/// Adds every entry (concurrently: they often land in one monitor proposal), waits for the
-/// latest osdmap, confirms every entry is listed and reads the epoch. Waits first for the
-/// host's previous storage fence, if one is still running.
-async fn storage_fence<C: CephPort>(
-    ceph: C,
-    entries: Vec<BlocklistEntry>,
-    settings: FenceSettings,
-    before: Option<StorageFuture>,
-) -> Arc<StorageOutcome> {
-    if let Some(b) = before {
-        let _ = b.await;
+/// The storage fence the verdict rests on (or the one that failed), for the reply: the entries
+/// relied on, each with its expiry. Absent when no storage step ran and none was needed.
+fn blocklist_report(
+    obs: &Observed,
+    planned: &BTreeMap<Scope, Vec<BlocklistEntry>>,
+    verdict: &Verdict,
+) -> Option<BlocklistReport> {
+    let result = match verdict.scope {
+        Scope::Vm => obs.vm_fence.as_ref(),
+        Scope::Host => obs.host_fence.as_ref(),
+        Scope::None => None,
+    };
+    match result {
+        Some(Ok(c)) => Some(BlocklistReport {
+            scope: verdict.scope,
+            entries: c.entries.iter().map(|l| l.entry.to_string()).collect(),
+            expires: c
+                .entries
+                .iter()
+                .map(|l| EntryExpiry {
+                    entry: l.entry.to_string(),
+                    until: rfc3339(l.until),
+                })
+                .collect(),
+            osdmap_epoch: Some(c.osdmap_epoch),
+            error: None,
+        }),
+        Some(Err(e)) => Some(BlocklistReport {
+            scope: verdict.scope,
+            entries: planned
+                .get(&verdict.scope)
+                .map(|v| v.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+            expires: Vec::new(),
+            osdmap_epoch: None,
+            error: Some(e.to_string()),
+        }),
+        None if verdict.decision.is_approve() => Some(BlocklistReport {
+            scope: Scope::None,
+            entries: Vec::new(),
+            expires: Vec::new(),
+            osdmap_epoch: None,
+            error: None,
+        }),
+        None => None,
     }
-    let limit = settings.blocklist_timeout;
-    let t = Instant::now();
-    let adds = join_all(entries.iter().map(|e| {
-        let ceph = ceph.clone();
-        async move {
-            match tokio::time::timeout(limit, ceph.blocklist_add(*e, settings.blocklist_expire))
-                .await
-            {
-                Ok(r) => r.map_err(|err| err.to_string()),
-                Err(_) => Err(format!(
-                    "blocklist add {e}: no answer within the blocklist timeout"
-                )),
+}
+
+/// How much longer than the blocklist timeout a waiter waits for a batch (the batch bounds
+/// itself by that timeout; this only covers scheduling).
+const WAITER_SLACK: Duration = Duration::from_secs(1);
+
+/// The least time an entry must still run to count: the configured expiry less 10 % (clock
+/// skew between the monitors and this host, and entries this service made moments ago).
+/// Ceph does not extend an entry that is added again, so an older, shorter entry never counts.
+pub fn lasting_threshold(expire: Duration) -> Duration {
+    expire - expire / 10
+}
+
+/// How long a covering entry must still run while another entry is renewed under it.
+const COVER_AT_LEAST: Duration = Duration::from_secs(30);
+
+/// A distinct entry that fences every client `entry` fences, without fencing anyone else: the
+/// `/32` (`/128`) range of a whole-IP entry. An exact client instance has none.
+fn distinct_cover(entry: &BlocklistEntry) -> Option<BlocklistEntry> {
+    match entry {
+        BlocklistEntry::Addr(a) if a.port == 0 && a.nonce == 0 => {
+            let prefix = if a.ip.is_ipv4() { 32 } else { 128 };
+            Some(BlocklistEntry::Range(crate::rbd::Cidr { ip: a.ip, prefix }))
+        }
+        _ => None,
+    }
+}
+
+/// One storage batch: waits [`STORAGE_GATHER_WINDOW`] for other requests' entries, adds them
+/// all (concurrently: they land in one monitor proposal), waits for the latest osdmap and
+/// confirms each entry is listed with an expiry that lasts ([`lasting_threshold`]).
+///
+/// An entry that exists already with a shorter expiry (Ceph keeps the old one) is replaced,
+/// without a moment uncovered, by a distinct covering entry ([`distinct_cover`]); when that one
+/// exists and is short too, the original is removed and added again while the cover still
+/// holds. An exact client entry has no distinct cover: it is `Expiring`.
+async fn storage_batch<C: CephPort>(
+    ceph: C,
+    set: Arc<Mutex<Option<BTreeSet<BlocklistEntry>>>>,
+    settings: FenceSettings,
+) -> Arc<StorageOutcome> {
+    tokio::time::sleep(STORAGE_GATHER_WINDOW).await;
+    let entries: Vec<BlocklistEntry> = set
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut out = StorageOutcome {
+        entries: HashMap::new(),
+        osdmap_epoch: 0,
+        add: Duration::ZERO,
+        confirm: Duration::ZERO,
+    };
+    let run = fence_entries(&ceph, &entries, settings, &mut out);
+    let result = tokio::time::timeout(settings.blocklist_timeout, run).await;
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(BlocklistFailure::Failed(
+            "the blocklist was not confirmed in the osdmap within the blocklist timeout".into(),
+        )),
+    };
+    if let Some(f) = failure {
+        for e in &entries {
+            if !matches!(out.entries.get(e), Some(Ok(_))) {
+                out.entries.insert(*e, Err(f.clone()));
             }
         }
-    }))
-    .await;
-    let add = t.elapsed();
-    if let Some(err) = adds.into_iter().find_map(Result::err) {
-        return Arc::new(StorageOutcome {
-            result: Err(err),
-            add,
-            confirm: Duration::ZERO,
-        });
+    }
+    Arc::new(out)
+}
+
+/// Adds `entries` with the configured expiry, concurrently; the first error is the answer.
+async fn add_all<C: CephPort>(
+    ceph: &C,
+    entries: &[BlocklistEntry],
+    expire: Duration,
+) -> Result<(), BlocklistFailure> {
+    let adds = join_all(entries.iter().map(|e| ceph.blocklist_add(*e, expire))).await;
+    match adds.into_iter().find_map(Result::err) {
+        Some(err) => Err(BlocklistFailure::Failed(err.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Waits for the latest osdmap, then lists the blocklist: each entry with its expiry.
+async fn listing<C: CephPort>(
+    ceph: &C,
+) -> Result<HashMap<BlocklistEntry, time::OffsetDateTime>, BlocklistFailure> {
+    let failed = |e: CephError| BlocklistFailure::Failed(e.to_string());
+    ceph.wait_for_latest_osdmap().await.map_err(failed)?;
+    let listed = ceph.blocklist_ls().await.map_err(failed)?;
+    let mut out = HashMap::new();
+    for item in listed {
+        let (Ok(entry), Ok(until)) = (
+            item.entry.parse::<BlocklistEntry>(),
+            time::OffsetDateTime::parse(
+                &item.until,
+                &time::format_description::well_known::Rfc3339,
+            ),
+        ) else {
+            continue;
+        };
+        out.insert(entry, until);
+    }
+    Ok(out)
+}
+
+/// What the listing says of one entry.
+enum Listed {
+    Lasting(LastingEntry),
+    Short(time::OffsetDateTime),
+    Missing,
+}
+
+fn look_up(
+    listed: &HashMap<BlocklistEntry, time::OffsetDateTime>,
+    entry: BlocklistEntry,
+    threshold: time::OffsetDateTime,
+) -> Listed {
+    match listed.get(&entry) {
+        Some(until) if *until >= threshold => Listed::Lasting(LastingEntry {
+            entry,
+            until: *until,
+        }),
+        Some(until) => Listed::Short(*until),
+        None => Listed::Missing,
+    }
+}
+
+fn threshold(settings: &FenceSettings) -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() + lasting_threshold(settings.blocklist_expire)
+}
+
+async fn fence_entries<C: CephPort>(
+    ceph: &C,
+    entries: &[BlocklistEntry],
+    settings: FenceSettings,
+    out: &mut StorageOutcome,
+) -> Result<(), BlocklistFailure> {
+    let expire = settings.blocklist_expire;
+    let t = Instant::now();
+    add_all(ceph, entries, expire).await?;
+    out.add += t.elapsed();
+    let t = Instant::now();
+    let listed = listing(ceph).await?;
+    out.confirm += t.elapsed();
+    let mut short = Vec::new();
+    for e in entries {
+        match look_up(&listed, *e, threshold(&settings)) {
+            Listed::Lasting(l) => {
+                out.entries.insert(*e, Ok(l));
+            }
+            Listed::Short(until) => short.push((*e, until)),
+            Listed::Missing => {
+                out.entries.insert(
+                    *e,
+                    Err(BlocklistFailure::Failed(format!(
+                        "{e} was added but is not in the osdmap's blocklist"
+                    ))),
+                );
+            }
+        }
+    }
+    if !short.is_empty() {
+        renew(ceph, &short, settings, out).await?;
     }
     let t = Instant::now();
-    let confirmed = async {
-        ceph.wait_for_latest_osdmap()
-            .await
-            .map_err(|e| e.to_string())?;
-        let listed = ceph.blocklist_ls().await.map_err(|e| e.to_string())?;
-        let missing: Vec<String> = entries
-            .iter()
-            .map(ToString::to_string)
-            .filter(|e| !listed.iter().any(|i| &i.entry == e))
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "added but not in the osdmap's blocklist: {}",
-                missing.join(", ")
-            ));
+    out.osdmap_epoch = ceph
+        .osdmap_epoch()
+        .await
+        .map_err(|e| BlocklistFailure::Failed(e.to_string()))?;
+    out.confirm += t.elapsed();
+    Ok(())
+}
+
+/// Makes each short entry's clients fenced by an entry that lasts, never leaving them
+/// uncovered (see [`storage_batch`]).
+async fn renew<C: CephPort>(
+    ceph: &C,
+    short: &[(BlocklistEntry, time::OffsetDateTime)],
+    settings: FenceSettings,
+    out: &mut StorageOutcome,
+) -> Result<(), BlocklistFailure> {
+    let expire = settings.blocklist_expire;
+    let mut covers = Vec::new();
+    for (e, until) in short {
+        match distinct_cover(e) {
+            Some(c) => covers.push((*e, c)),
+            None => {
+                out.entries.insert(
+                    *e,
+                    Err(BlocklistFailure::Expiring(format!(
+                        "{e} exists already and lapses at {} (Ceph does not extend an entry added again), and no distinct entry covers exactly this client",
+                        rfc3339(*until)
+                    ))),
+                );
+            }
         }
-        ceph.osdmap_epoch().await.map_err(|e| e.to_string())
-    };
-    let result = match tokio::time::timeout(limit, confirmed).await {
-        Ok(r) => r,
-        Err(_) => Err(
-            "the osdmap carrying the blocklist was not confirmed within the blocklist timeout"
-                .into(),
-        ),
-    };
-    Arc::new(StorageOutcome {
-        result,
-        add,
-        confirm: t.elapsed(),
-    })
+    }
+    if covers.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let alts: Vec<BlocklistEntry> = covers.iter().map(|(_, c)| *c).collect();
+    add_all(ceph, &alts, expire).await?;
+    out.add += t.elapsed();
+    let t = Instant::now();
+    let listed = listing(ceph).await?;
+    out.confirm += t.elapsed();
+    let mut again = Vec::new();
+    for (e, c) in covers {
+        match look_up(&listed, c, threshold(&settings)) {
+            Listed::Lasting(l) => {
+                out.entries.insert(e, Ok(l));
+            }
+            // Both keys exist and are short: renew the original under the cover's protection.
+            Listed::Short(cu)
+                if cu
+                    >= time::OffsetDateTime::now_utc()
+                        + COVER_AT_LEAST
+                        + settings.blocklist_timeout =>
+            {
+                again.push(e);
+            }
+            Listed::Short(_) | Listed::Missing => {
+                out.entries.insert(
+                    e,
+                    Err(BlocklistFailure::Expiring(format!(
+                        "{e} and its distinct cover {c} both exist already and lapse too soon to renew one under the other"
+                    ))),
+                );
+            }
+        }
+    }
+    if again.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    for r in join_all(again.iter().map(|e| ceph.blocklist_rm(*e))).await {
+        r.map_err(|e| BlocklistFailure::Expiring(format!("renewing under cover: {e}")))?;
+    }
+    // The removal must be committed before the add, or the add keeps the old expiry.
+    ceph.wait_for_latest_osdmap()
+        .await
+        .map_err(|e| BlocklistFailure::Failed(e.to_string()))?;
+    add_all(ceph, &again, expire).await?;
+    out.add += t.elapsed();
+    let t = Instant::now();
+    let listed = listing(ceph).await?;
+    out.confirm += t.elapsed();
+    for e in again {
+        let r = match look_up(&listed, e, threshold(&settings)) {
+            Listed::Lasting(l) => Ok(l),
+            Listed::Short(_) | Listed::Missing => Err(BlocklistFailure::Expiring(format!(
+                "{e} did not last after it was renewed"
+            ))),
+        };
+        out.entries.insert(e, r);
+    }
+    Ok(())
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Opens a session to the failed host: tries each sibling as a jump host (the HA target
@@ -952,7 +1257,7 @@ async fn kill_batch<K: KillPort>(
                 Err(e) => {
                     let mut detail = notes.clone();
                     detail.push(e.to_string());
-                    Arc::new(BatchOutcome::Unreachable {
+                    Arc::new(BatchOutcome::NoAnswer {
                         executor: executor.clone(),
                         role: *role,
                         detail: detail.join("; "),

@@ -14,8 +14,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// Whether `ip` is one of this host's storage addresses (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address).
     pub fn owns(&self, ip: IpAddr) -> bool {
-        self.storage_addrs.contains(&ip)
+        let ip = ip.to_canonical();
+        self.storage_addrs.iter().any(|a| a.to_canonical() == ip)
     }
 }
 
@@ -33,6 +36,11 @@ impl Inventory {
 
     pub fn get(&self, uuid: &str) -> Option<&Host> {
         self.hosts.get(uuid)
+    }
+
+    /// The host one of whose storage addresses `ip` is.
+    pub fn owner(&self, ip: IpAddr) -> Option<&Host> {
+        self.hosts.values().find(|h| h.owns(ip))
     }
 
     pub fn len(&self) -> usize {

@@ -178,6 +178,9 @@ impl CephPort for Arc<CephLink> {
             .blocklist_add(entry, Some(expire))
             .await
     }
+    async fn blocklist_rm(&self, entry: BlocklistEntry) -> Result<(), CephError> {
+        self.current()?.ceph.blocklist_rm(entry).await
+    }
     async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
         self.current()?.ceph.wait_for_latest_osdmap().await
     }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::decision::{ExecutorRole, VolumeEvidence};
+use super::decision::{ExecutorRole, Scope, VolumeEvidence};
 
 /// The body of the pre-instantiate reply, as the contract gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +30,10 @@ impl FenceReply {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EvidenceReport {
     pub volumes: Vec<VolumeReport>,
+    /// The request named no volume (the ZStack endpoint allows it): there was no Ceph
+    /// evidence, so no VM fence and no check that the VM runs elsewhere.
+    #[serde(skip_serializing_if = "is_false", default)]
+    pub without_volumes: bool,
     /// Absent when the blocklist step did not run.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub blocklist: Option<BlocklistReport>,
@@ -55,15 +59,31 @@ impl From<&VolumeEvidence> for VolumeReport {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlocklistReport {
-    /// The entries asked for (`IP:0/0` for each storage address, plus exact addresses seen).
+    /// `vm` (the VM's own clients), `host` (every client of the failed host) or `none`.
+    pub scope: Scope,
+    /// The entries the fence rests on; when it failed, the entries it tried.
     pub entries: Vec<String>,
+    /// When each entry the fence rests on lapses (it lasts the configured expiry, less 10 %).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub expires: Vec<EntryExpiry>,
     /// The osdmap epoch in which they were confirmed; absent when the step failed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub osdmap_epoch: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryExpiry {
+    pub entry: String,
+    /// RFC 3339, UTC.
+    pub until: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
