@@ -20,6 +20,7 @@ const FUNCTIONS: &[&str] = &[
     "rados_buffer_free",
     "rados_ioctx_create",
     "rados_ioctx_destroy",
+    "rados_ioctx_set_namespace",
     "rados_list_lockers",
     "rbd_version",
     "rbd_open_read_only",

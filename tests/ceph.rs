@@ -332,3 +332,26 @@ async fn a_stopped_cluster_is_a_timeout_within_the_bound_not_a_hang() {
     assert!(err.is_timeout(), "{err}");
     assert!(t.elapsed() < allowed, "took {:?}", t.elapsed());
 }
+
+/// RBD namespaces (`POOL/NAMESPACE/IMAGE`): the evidence of an image in a namespace, read
+/// natively, equals `rbd status`, and names the writer as its lock owner.
+#[tokio::test]
+async fn an_image_in_an_rbd_namespace_is_observed() {
+    let ceph = admin().await;
+    let img = TestImage::create_in_namespace("tenant1", "ns");
+    assert_eq!(img.spec.namespace, "tenant1");
+    let mut holder = Holder::start(&img, "127.0.0.33");
+    holder.write(0, 1).unwrap();
+    let status = ceph.image_status(&img.spec).await.unwrap();
+    let ours: Vec<(String, i64, u64)> = status
+        .watchers
+        .iter()
+        .map(|w| (w.address.clone(), w.client, w.cookie))
+        .collect();
+    assert_eq!(ours, rbd_status_watchers(&img.name()));
+    assert_eq!(status.lock_owners.len(), 1, "{status:?}");
+    assert_eq!(status.lock_owners[0].address, holder.address);
+    // The same name in the default namespace is another image.
+    let plain: rbdfence::rbd::ImageSpec = format!("rbd/{}", img.spec.image).parse().unwrap();
+    assert!(ceph.image_status(&plain).await.unwrap_err().is_not_found());
+}

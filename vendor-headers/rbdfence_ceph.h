@@ -67,6 +67,9 @@ void rados_buffer_free(char *buf);
 /* ---- librados: pools and objects ---- */
 int rados_ioctx_create(rados_t cluster, const char *pool_name, rados_ioctx_t *ioctx);
 void rados_ioctx_destroy(rados_ioctx_t io);
+/* Every later operation on this ioctx addresses objects in namespace nspace ("" or NULL: the
+ * default namespace). Not thread-safe: set once, before the ioctx is shared. */
+void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace);
 /* Lockers of one lock of one object; the lengths say how much room each buffer has, and are
  * set to what is needed when it returns -ERANGE. Returns the number of lockers. */
 ssize_t rados_list_lockers(rados_ioctx_t io, const char *oid, const char *name,

@@ -54,7 +54,8 @@ pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
 #[derive(Clone)]
 pub struct Ceph {
     rados: Arc<Rados>,
-    pools: Arc<Mutex<HashMap<String, Arc<IoCtx>>>>,
+    /// One IoCtx per (pool, namespace).
+    pools: Arc<Mutex<HashMap<(String, String), Arc<IoCtx>>>>,
     images: Arc<ImageCache>,
     bound: Duration,
     observer: Option<CallObserver>,
@@ -131,7 +132,7 @@ impl Ceph {
         let (pools, images, spec) = (self.pools.clone(), self.images.clone(), spec.clone());
         let opened = self
             .call(Op::OpenImage, spec.to_string(), move |rados| {
-                let ioctx = ioctx_for(&pools, rados, &spec.pool)?;
+                let ioctx = ioctx_for(&pools, rados, &spec.pool, &spec.namespace)?;
                 let image = Image::open_read_only(ioctx, &spec.image)?;
                 let entry = CachedImage {
                     header: image.header(),
@@ -224,25 +225,27 @@ impl Ceph {
 
     /// Opens (or reuses) the pool's IoCtx; for callers on a blocking thread.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
-        ioctx_for(&self.pools, &self.rados, pool)
+        ioctx_for(&self.pools, &self.rados, pool, "")
     }
 }
 
-/// One IoCtx per pool for the life of the connection: creating one is a round trip for the
-/// pool id, and a fence looks at several images of the same pool.
+/// One IoCtx per pool and namespace for the life of the connection: creating one is a round
+/// trip for the pool id, and a fence looks at several images of the same pool.
 fn ioctx_for(
-    pools: &Mutex<HashMap<String, Arc<IoCtx>>>,
+    pools: &Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     rados: &Arc<Rados>,
     pool: &str,
+    namespace: &str,
 ) -> Result<Arc<IoCtx>, CephError> {
     let mut map = pools
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(io) = map.get(pool) {
+    let key = (pool.to_string(), namespace.to_string());
+    if let Some(io) = map.get(&key) {
         return Ok(io.clone());
     }
-    let io = Arc::new(IoCtx::new(rados.clone(), pool)?);
-    map.insert(pool.to_string(), io.clone());
+    let io = Arc::new(IoCtx::new(rados.clone(), pool, namespace)?);
+    map.insert(key, io.clone());
     Ok(io)
 }
 

@@ -21,17 +21,19 @@ use super::ioctx::IoCtx;
 /// clients keep arriving, and a bound keeps a pathological image from spinning forever.
 const MAX_SIZING_ATTEMPTS: usize = 16;
 
-/// `POOL/IMAGE`, validated: both parts non-empty, at most 255 bytes, no `/`, `@`, NUL,
-/// whitespace or control characters.
+/// `POOL/IMAGE` or `POOL/NAMESPACE/IMAGE` (an RBD namespace), validated: every part non-empty,
+/// at most 255 bytes, no `/`, `@`, NUL, whitespace or control characters.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ImageSpec {
     pub pool: String,
+    /// The RBD (RADOS) namespace; empty for the pool's default namespace.
+    pub namespace: String,
     pub image: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid image {input:?}: {why} (expected POOL/IMAGE)")]
+#[error("invalid image {input:?}: {why} (expected POOL/IMAGE or POOL/NAMESPACE/IMAGE)")]
 pub struct ImageSpecError {
     pub input: String,
     pub why: &'static str,
@@ -45,13 +47,21 @@ impl FromStr for ImageSpec {
             input: input.to_string(),
             why,
         };
-        let (pool, image) = input.split_once('/').ok_or_else(|| err("missing '/'"))?;
-        for (part, what) in [(pool, "pool"), (image, "image")] {
+        let (pool, rest) = input.split_once('/').ok_or_else(|| err("missing '/'"))?;
+        let (namespace, image) = match rest.split_once('/') {
+            Some((ns, image)) => (ns, image),
+            None => ("", rest),
+        };
+        let mut parts = vec![(pool, "pool"), (image, "image")];
+        if rest.contains('/') {
+            parts.push((namespace, "namespace"));
+        }
+        for (part, what) in parts {
             if part.is_empty() {
-                return Err(err(if what == "pool" {
-                    "empty pool name"
-                } else {
-                    "empty image name"
+                return Err(err(match what {
+                    "pool" => "empty pool name",
+                    "namespace" => "empty namespace name",
+                    _ => "empty image name",
                 }));
             }
             if part.len() > 255 {
@@ -68,6 +78,7 @@ impl FromStr for ImageSpec {
         }
         Ok(ImageSpec {
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
             image: image.to_string(),
         })
     }
@@ -88,7 +99,11 @@ impl From<ImageSpec> for String {
 
 impl fmt::Display for ImageSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.pool, self.image)
+        if self.namespace.is_empty() {
+            write!(f, "{}/{}", self.pool, self.image)
+        } else {
+            write!(f, "{}/{}/{}", self.pool, self.namespace, self.image)
+        }
     }
 }
 
@@ -459,12 +474,22 @@ mod tests {
         let s: ImageSpec = "rbd/vm-root".parse().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((s.pool.as_str(), s.image.as_str()), ("rbd", "vm-root"));
         assert_eq!(s.to_string(), "rbd/vm-root");
+        let s: ImageSpec = "rbd/tenant1/vm-root"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (s.pool.as_str(), s.namespace.as_str(), s.image.as_str()),
+            ("rbd", "tenant1", "vm-root")
+        );
+        assert_eq!(s.to_string(), "rbd/tenant1/vm-root");
         for bad in [
             "",
             "rbd",
             "/img",
             "rbd/",
-            "rbd/a/b",
+            "rbd//b",
+            "rbd/a/",
+            "rbd/a/b/c",
             "rbd/img@snap",
             "rbd/a b",
             "rbd/a\nb",

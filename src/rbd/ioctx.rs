@@ -8,7 +8,8 @@ use super::cluster::Rados;
 use super::error::{CephError, Op};
 use super::ffi;
 
-/// An I/O context on one pool. Holds its cluster alive; destroyed in `Drop`.
+/// An I/O context on one pool (and one RADOS namespace). Holds its cluster alive; destroyed in
+/// `Drop`.
 pub struct IoCtx {
     ptr: ffi::rados_ioctx_t,
     pool: String,
@@ -16,16 +17,26 @@ pub struct IoCtx {
 }
 
 // SAFETY: librados documents an ioctx as usable from several threads for I/O; the settings
-// that are not thread-safe (namespace, snapshot context) are never changed by rbdfence.
+// that are not thread-safe (namespace, snapshot context) are set only in `new`, before the
+// value exists anywhere else, and never changed afterwards.
 unsafe impl Send for IoCtx {}
 // SAFETY: see `Send`; all methods take `&self` and only issue I/O.
 unsafe impl Sync for IoCtx {}
 
 impl IoCtx {
-    /// Opens pool `pool`. A missing pool is `ENOENT`.
+    /// Opens pool `pool` in RADOS namespace `namespace` (`""`: the default one). A missing
+    /// pool is `ENOENT`.
     ///
-    /// Implements: `rados_ioctx_create`.
-    pub fn new(cluster: Arc<Rados>, pool: &str) -> Result<IoCtx, CephError> {
+    /// Implements: `rados_ioctx_create`, `rados_ioctx_set_namespace`.
+    pub fn new(cluster: Arc<Rados>, pool: &str, namespace: &str) -> Result<IoCtx, CephError> {
+        let ns = CString::new(namespace).map_err(|_| {
+            CephError::new(
+                Op::IoCtxCreate,
+                pool,
+                libc::EINVAL,
+                "namespace contains a NUL byte",
+            )
+        })?;
         let name = CString::new(pool).map_err(|_| {
             CephError::new(
                 Op::IoCtxCreate,
@@ -46,6 +57,9 @@ impl IoCtx {
             };
             return Err(CephError::from_code(Op::IoCtxCreate, pool, r.into(), msg));
         }
+        // SAFETY: `ptr` was just created and is not shared yet (the call is not thread-safe);
+        // `ns` outlives the call (librados copies the name).
+        unsafe { ffi::rados_ioctx_set_namespace(ptr, ns.as_ptr()) };
         Ok(IoCtx {
             ptr,
             pool: pool.to_string(),

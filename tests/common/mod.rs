@@ -115,6 +115,21 @@ impl TestImage {
         }
     }
 
+    /// An image in RBD namespace `namespace` of pool `rbd` (created if missing; namespaces are
+    /// left behind, empty, for other tests to reuse).
+    pub fn create_in_namespace(namespace: &str, prefix: &str) -> TestImage {
+        let name = unique(prefix);
+        let listed = ceph_cli("rbd", &["namespace", "ls", "rbd", "--format", "json"]);
+        if !listed.contains(&format!("\"{namespace}\"")) {
+            ceph_cli("rbd", &["namespace", "create", &format!("rbd/{namespace}")]);
+        }
+        let spec = format!("rbd/{namespace}/{name}");
+        ceph_cli("rbd", &["create", &spec, "--size", "16M"]);
+        TestImage {
+            spec: spec.parse().unwrap(),
+        }
+    }
+
     pub fn name(&self) -> String {
         self.spec.to_string()
     }
