@@ -1,8 +1,11 @@
-//! Benchmark: one-VM fence latency by stage on the micro cluster — a real qemu VM whose RBD disk
-//! is opened from the failed host's address (127.0.0.81), killed over SSH through a sibling
-//! (127.0.0.83), with the storage fence confirmed in the osdmap first. Prints p50/p99 of the
-//! whole fence and of each stage, each stage's share, and, side by side in the same run, the
-//! same storage fence done with the `ceph` CLI (`ceph osd blocklist add`, a process per call).
+//! Benchmark: one-VM fence latency by stage on the micro cluster, for both fence scopes:
+//! - `vm`: a real qemu VM whose RBD disk is opened from the failed host's address (127.0.0.81)
+//!   and written (its lock owner names its client): that client is fenced and confirmed in the
+//!   osdmap, then the qemu is killed over SSH through a sibling (127.0.0.83);
+//! - `host`: a VM of h4 (127.0.0.85) that never wrote and whose watch expired, h4's SSH port
+//!   closed: the scan cannot answer, so the whole host is fenced.
+//! Prints p50/p99 of the whole fence and of each stage, each stage's share, and, side by side
+//! in the same run, one blocklist add done with the `ceph` CLI (a process per call).
 //!
 //! Run with `scripts/bench.sh fence`.
 #![allow(clippy::unwrap_used)]
@@ -21,6 +24,7 @@ use rbdfence::fence::driver::{Engine, FenceRequest, FenceSettings, SshKiller};
 use rbdfence::fence::inventory::{Host, Inventory};
 use rbdfence::fence::ledger::Ledger;
 use rbdfence::fence::link::CephLink;
+use rbdfence::fence::record::FenceRecord;
 use rbdfence::fence::ssh::SshSettings;
 
 const N: usize = 25;
@@ -28,6 +32,64 @@ const N: usize = 25;
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+const STAGES: [&str; 4] = ["evidence", "blocklist", "osdmap", "ssh"];
+
+/// Whole-fence and per-stage times of one scenario, in ms.
+#[derive(Default)]
+struct Samples {
+    total: Vec<f64>,
+    per: [Vec<f64>; 4],
+}
+
+impl Samples {
+    fn add(&mut self, record: &FenceRecord, outcome: &str, scope: &str) {
+        let r = &record.reply;
+        assert_eq!(r.outcome, outcome, "{}", r.message);
+        assert_eq!(
+            r.evidence.blocklist.as_ref().map(|b| b.scope.as_str()),
+            Some(scope),
+            "{}",
+            r.message
+        );
+        self.total.push(r.duration_ms as f64);
+        for (k, s) in STAGES.iter().enumerate() {
+            self.per[k].push(record.stages_ms.get(*s).copied().unwrap_or(0) as f64);
+        }
+    }
+
+    fn print(&self, title: &str) {
+        let p50_total = pct(self.total.clone(), 0.5);
+        println!("{title}, {N} runs (whole ms):");
+        println!(
+            "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms",
+            "  whole fence",
+            p50_total,
+            pct(self.total.clone(), 0.99)
+        );
+        for (k, s) in STAGES.iter().enumerate() {
+            let p50 = pct(self.per[k].clone(), 0.5);
+            println!(
+                "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms   share {:>4.0}%",
+                format!("  stage {s}"),
+                p50,
+                pct(self.per[k].clone(), 0.99),
+                100.0 * p50 / p50_total.max(1.0)
+            );
+        }
+    }
+}
+
+fn request(uuid: &str, failed: &str, img: &TestImage) -> FenceRequest {
+    FenceRequest {
+        request_id: None,
+        vm: uuid.parse().unwrap(),
+        failed_host: failed.into(),
+        target_host: "h2".into(),
+        volumes: vec![img.spec.clone()],
+        dry_run: false,
+    }
 }
 
 fn ceph_cli(args: &[&str]) {
@@ -86,6 +148,7 @@ fn main() {
             host("h1", "127.0.0.81", failed.addr()),
             host("h2", "127.0.0.82", "127.0.0.82:1".parse().unwrap()),
             host("h3", "127.0.0.83", sibling.addr()),
+            host("h4", "127.0.0.85", "127.0.0.85:1".parse().unwrap()),
         ]),
         FenceSettings {
             blocklist_expire: Duration::from_secs(600),
@@ -96,35 +159,37 @@ fn main() {
         },
         Ledger::in_memory(),
     );
+    // Scope vm: the VM wrote (its lock owner names its client), the host answers: the VM's
+    // exact client is fenced, then its qemu is killed through the sibling.
     let img = TestImage::create("bench-fence");
-    let stages = ["evidence", "blocklist", "osdmap", "ssh"];
-    let mut total = Vec::new();
-    let mut per: Vec<Vec<f64>> = vec![Vec::new(); stages.len()];
+    let mut vm_scope = Samples::default();
     for i in 0..N {
         let uuid = format!("00000000-0000-4000-8000-{:012x}", 0xbe00 + i);
         let vm = Vm::start(&img, "127.0.0.81", &uuid);
         vm.write(0, i as u8);
-        let req = FenceRequest {
-            request_id: None,
-            vm: uuid.parse().unwrap(),
-            failed_host: "h1".into(),
-            target_host: "h2".into(),
-            volumes: vec![img.spec.clone()],
-            dry_run: false,
-        };
-        let t = Instant::now();
-        let record = rt.block_on(engine.fence(&req));
-        let elapsed = t.elapsed().as_secs_f64() * 1e3;
-        assert_eq!(
-            record.reply.outcome, "success-killed",
-            "{}",
-            record.reply.message
-        );
-        total.push(elapsed);
-        for (k, s) in stages.iter().enumerate() {
-            per[k].push(record.stages_ms.get(*s).copied().unwrap_or(0) as f64);
-        }
+        let record = rt.block_on(engine.fence(&request(&uuid, "h1", &img)));
+        vm_scope.add(&record, "success-killed", "vm");
         assert!(vm.wait_gone(Duration::from_secs(5)));
+        for e in record.reply.evidence.blocklist.unwrap().entries {
+            ceph_cli(&["osd", "blocklist", "rm", &e]);
+        }
+    }
+    // Scope host: h4's VM never wrote and its watch expired (no evidence names a client), and
+    // h4 does not answer SSH (its port is closed, so the refusal is quick): only the whole
+    // host's fence is enough.
+    let idle = TestImage::create("bench-fence-host");
+    let hung = Vm::start(&idle, "127.0.0.85", "00000000-0000-4000-8000-00000000beef");
+    hung.freeze();
+    rt.block_on(common::no_watchers(
+        "the idle VM's watch expires",
+        &idle,
+        Duration::from_secs(40),
+    ));
+    let mut host_scope = Samples::default();
+    for i in 0..N {
+        let uuid = format!("00000000-0000-4000-8000-{:012x}", 0xbf00 + i);
+        let record = rt.block_on(engine.fence(&request(&uuid, "h4", &idle)));
+        host_scope.add(&record, "success-ssh-unreachable", "host");
         for e in record.reply.evidence.blocklist.unwrap().entries {
             ceph_cli(&["osd", "blocklist", "rm", &e]);
         }
@@ -138,24 +203,11 @@ fn main() {
         ceph_cli(&["osd", "blocklist", "rm", "127.0.0.84:0/0"]);
     }
 
-    let p50_total = pct(total.clone(), 0.5);
-    println!("one-VM fence, {N} runs (success-killed through sibling h3; stages in whole ms):");
-    println!(
-        "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms",
-        "whole fence",
-        p50_total,
-        pct(total, 0.99)
+    vm_scope
+        .print("scope vm: the VM's client fenced, then killed through sibling h3 (success-killed)");
+    host_scope.print(
+        "scope host: no client named, SSH refused, the whole host fenced (success-ssh-unreachable)",
     );
-    for (k, s) in stages.iter().enumerate() {
-        let p50 = pct(per[k].clone(), 0.5);
-        println!(
-            "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms   share {:>4.0}%",
-            format!("  stage {s}"),
-            p50,
-            pct(per[k].clone(), 0.99),
-            100.0 * p50 / p50_total
-        );
-    }
     println!(
         "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms",
         "ceph osd blocklist add (CLI, per call)",
