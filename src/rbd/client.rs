@@ -54,8 +54,7 @@ pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
 #[derive(Clone)]
 pub struct Ceph {
     rados: Arc<Rados>,
-    /// One IoCtx per (pool, namespace).
-    pools: Arc<Mutex<HashMap<(String, String), Arc<IoCtx>>>>,
+    pools: Arc<IoCtxs>,
     images: Arc<ImageCache>,
     bound: Duration,
     observer: Option<CallObserver>,
@@ -229,10 +228,13 @@ impl Ceph {
     }
 }
 
+/// One IoCtx per (pool, namespace).
+type IoCtxs = Mutex<HashMap<(String, String), Arc<IoCtx>>>;
+
 /// One IoCtx per pool and namespace for the life of the connection: creating one is a round
 /// trip for the pool id, and a fence looks at several images of the same pool.
 fn ioctx_for(
-    pools: &Mutex<HashMap<(String, String), Arc<IoCtx>>>,
+    pools: &IoCtxs,
     rados: &Arc<Rados>,
     pool: &str,
     namespace: &str,
