@@ -4,6 +4,7 @@
 //!   osdmap, then the qemu is killed over SSH through a sibling (127.0.0.83);
 //! - `host`: a VM of h4 (127.0.0.85) that never wrote and whose watch expired, h4's SSH port
 //!   closed: the scan cannot answer, so the whole host is fenced.
+//!
 //! Prints p50/p99 of the whole fence and of each stage, each stage's share, and, side by side
 //! in the same run, one blocklist add done with the `ceph` CLI (a process per call).
 //!
