@@ -355,3 +355,84 @@ async fn an_image_in_an_rbd_namespace_is_observed() {
     let plain: rbdfence::rbd::ImageSpec = format!("rbd/{}", img.spec.image).parse().unwrap();
     assert!(ceph.image_status(&plain).await.unwrap_err().is_not_found());
 }
+
+/// A micro cluster of its own on `ip`, stopped (and purged) when dropped.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    fn up(ip: &str) -> OwnCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let up = Command::new("bash")
+            .arg(common::repo().join("scripts/ceph-micro.sh"))
+            .arg("up")
+            .arg(dir.path())
+            .args(["--ip", ip])
+            .output()
+            .unwrap();
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        OwnCluster { dir }
+    }
+
+    fn mon_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.path().join("run/mon.a.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        common::signal(self.mon_pid(), libc::SIGCONT);
+        let _ = Command::new("bash")
+            .arg(common::repo().join("scripts/ceph-micro.sh"))
+            .arg("down")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// `rados_wait_for_latest_osdmap` has no timeout of its own in librados: with the monitor
+/// hung, each call pins a blocking thread until the monitor answers. Many fences during a mon
+/// outage must not pile up threads: the calls share one wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_monitor_pins_at_most_one_thread_for_osdmap_waits() {
+    let cluster = OwnCluster::up("127.0.0.12");
+    let bound = Duration::from_secs(2);
+    let ceph = Ceph::connect(ConnectOptions {
+        conf: cluster.dir.path().join("ceph.conf"),
+        id: "admin".into(),
+        timeouts: Timeouts {
+            op: bound,
+            mount: bound,
+        },
+    })
+    .await
+    .unwrap();
+    ceph.wait_for_latest_osdmap().await.unwrap();
+    // Warm the blocking pool, then count.
+    ceph.blocklist_ls().await.unwrap();
+    common::signal(cluster.mon_pid(), libc::SIGSTOP);
+    let before = threads();
+    let waits = futures::future::join_all((0..16).map(|_| ceph.wait_for_latest_osdmap())).await;
+    for w in &waits {
+        let e = w.as_ref().unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+    }
+    let grown = threads().saturating_sub(before);
+    assert!(
+        grown <= 2,
+        "16 waits on a hung monitor left {grown} more threads (before: {before})"
+    );
+}
