@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::addr::{BlocklistEntry, EntityAddr};
 use super::blocklist::BlocklistItem;
@@ -33,7 +35,7 @@ struct CachedImage {
     header: Option<HeaderObject>,
 }
 
-type ImageCache = Mutex<HashMap<ImageSpec, (CachedImage, std::time::Instant)>>;
+type ImageCache = Mutex<HashMap<ImageSpec, (CachedImage, Instant)>>;
 
 fn cache_get(images: &ImageCache, spec: &ImageSpec) -> Option<CachedImage> {
     let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
@@ -55,6 +57,8 @@ pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
 pub struct Ceph {
     rados: Arc<Rados>,
     pools: Arc<IoCtxs>,
+    /// The one `rados_wait_for_latest_osdmap` in flight, and when it started.
+    osdmap_wait: Arc<Mutex<Option<(Instant, OsdmapWait)>>>,
     images: Arc<ImageCache>,
     bound: Duration,
     observer: Option<CallObserver>,
@@ -73,6 +77,7 @@ impl Ceph {
         Ok(Ceph {
             rados: Arc::new(rados),
             pools: Arc::default(),
+            osdmap_wait: Arc::default(),
             images: Arc::default(),
             bound,
             observer: None,
@@ -141,7 +146,7 @@ impl Ceph {
                 if map.len() >= IMAGE_CACHE_MAX {
                     map.clear();
                 }
-                map.insert(spec.clone(), (entry.clone(), std::time::Instant::now()));
+                map.insert(spec.clone(), (entry.clone(), Instant::now()));
                 Ok(entry)
             })
             .await?;
@@ -200,11 +205,55 @@ impl Ceph {
             .await
     }
 
+    /// Waits until this client has the latest osdmap the monitors know of.
+    ///
+    /// librados bounds this call by nothing (unlike most mon calls, it ignores
+    /// `rados_mon_op_timeout`), so a hung monitor pins the blocking thread running it. Callers
+    /// therefore share one wait at a time: a caller joins the wait in flight if it started after
+    /// the caller arrived (its "latest" then includes everything the caller committed before);
+    /// otherwise it waits, bounded, for that one to end and starts the next. At most one thread
+    /// is ever pinned per connection.
     pub async fn wait_for_latest_osdmap(&self) -> Result<(), CephError> {
-        self.call(Op::WaitForLatestOsdmap, String::new(), |r| {
-            r.wait_for_latest_osdmap()
-        })
-        .await
+        let arrived = Instant::now();
+        let deadline = arrived + self.bound;
+        loop {
+            let (fut, joined) = {
+                let mut slot = self.osdmap_wait.lock().unwrap_or_else(|p| p.into_inner());
+                match slot.as_ref() {
+                    Some((started, f)) if f.peek().is_none() => (f.clone(), *started >= arrived),
+                    _ => {
+                        let this = self.clone();
+                        let f = async move {
+                            this.call(Op::WaitForLatestOsdmap, String::new(), |r| {
+                                r.wait_for_latest_osdmap()
+                            })
+                            .await
+                        }
+                        .boxed()
+                        .shared();
+                        *slot = Some((Instant::now(), f.clone()));
+                        (f, true)
+                    }
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, fut).await {
+                Ok(r) if joined => return r,
+                // An earlier wait ended: start (or join) one that began after we arrived.
+                Ok(_) => continue,
+                Err(_) => {
+                    return Err(CephError::new(
+                        Op::WaitForLatestOsdmap,
+                        "",
+                        libc::ETIMEDOUT,
+                        format!(
+                            "no answer from Ceph within {:.1} s",
+                            self.bound.as_secs_f64()
+                        ),
+                    ));
+                }
+            }
+        }
     }
 
     pub async fn osdmap_epoch(&self) -> Result<u64, CephError> {
@@ -227,6 +276,9 @@ impl Ceph {
         ioctx_for(&self.pools, &self.rados, pool, "")
     }
 }
+
+/// A shared `rados_wait_for_latest_osdmap`.
+type OsdmapWait = Shared<BoxFuture<'static, Result<(), CephError>>>;
 
 /// One IoCtx per (pool, namespace).
 type IoCtxs = Mutex<HashMap<(String, String), Arc<IoCtx>>>;
