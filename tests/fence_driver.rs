@@ -125,11 +125,13 @@ impl CephPort for FakeCeph {
     }
 }
 
-/// A fake SSH killer: answers per route from a script.
+/// A fake SSH killer: answers per route from a script, after a scripted delay.
 #[derive(Clone)]
 struct FakeKiller {
     log: Log,
     answer: Answer,
+    /// How long connecting on a route takes before it answers (a black-hole sibling).
+    delay: Arc<dyn Fn(&str) -> Duration + Send + Sync>,
 }
 
 fn route_name(route: &Route<'_>) -> String {
@@ -146,6 +148,7 @@ impl KillPort for FakeKiller {
     async fn connect(&self, route: Route<'_>) -> Result<String, SshError> {
         let name = route_name(&route);
         self.log.lock().unwrap().push(format!("connect {name}"));
+        tokio::time::sleep((self.delay)(&name)).await;
         (self.answer)(&name).map(|_| name)
     }
 
@@ -237,6 +240,7 @@ fn setup(
         FakeKiller {
             log: log.clone(),
             answer: Arc::new(answer),
+            delay: Arc::new(|_| Duration::ZERO),
         },
         Inventory::new(vec![
             host("h1", "127.0.0.2"),
@@ -610,5 +614,70 @@ async fn a_missing_ceph_conf_is_ceph_unavailable_not_image_not_found() {
         ("deny", "ceph-unavailable"),
         "{}",
         r.reply.message
+    );
+}
+
+/// A rack failed: four siblings are black holes (their sshd never answers; each would take the
+/// whole connect timeout), one sibling works. The walk does not spend the SSH budget on dead
+/// siblings one after another: the working one kills within the SSH timeout (REVIEW-SAFETY M4).
+#[tokio::test]
+async fn dead_siblings_do_not_use_up_the_ssh_budget() {
+    let ceph = FakeCeph::default();
+    let log = ceph.log.clone();
+    ceph.status.lock().unwrap().push((
+        "rbd/root".into(),
+        ImageStatus {
+            watchers: vec![],
+            lock_owners: vec![LockOwner {
+                mode: LockMode::Exclusive,
+                address: "127.0.0.2:0/99".into(),
+            }],
+        },
+    ));
+    let mut hosts = vec![host("h1", "127.0.0.2"), host("h2", "127.0.0.3")];
+    for (i, name) in ["s1", "s2", "s3", "s4", "s5"].iter().enumerate() {
+        hosts.push(host(name, &format!("127.0.0.{}", 10 + i)));
+    }
+    let engine = Engine::new(
+        ceph,
+        FakeKiller {
+            log: log.clone(),
+            answer: Arc::new(|route| match route {
+                "via s5 to h1" | "via s5 to h1 x1" => killed(),
+                r if r.starts_with("via s") => Err(timeout(&r[4..6])),
+                _ => Err(timeout("h1")),
+            }),
+            delay: Arc::new(|route| {
+                if route.starts_with("via s") && !route.starts_with("via s5") {
+                    Duration::from_secs(5)
+                } else {
+                    Duration::ZERO
+                }
+            }),
+        },
+        Inventory::new(hosts),
+        FenceSettings {
+            ssh_timeout: Duration::from_secs(2),
+            deadline: Duration::from_secs(6),
+            ..settings()
+        },
+        Ledger::in_memory(),
+    );
+    let started = Instant::now();
+    let r = engine.fence(&request()).await;
+    assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
+    let kill = r.reply.evidence.kill.unwrap();
+    assert_eq!(
+        (kill.executor.as_deref(), kill.role),
+        (Some("s5"), ExecutorRole::Sibling)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !calls(&log).iter().any(|c| c.contains("via h2")),
+        "the HA target is not used while a bystander works"
     );
 }
