@@ -1128,8 +1128,15 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-/// Opens a session to the failed host: tries each sibling as a jump host (the HA target
-/// last), then a direct session. A sibling that cannot be used itself is skipped; an answer
+/// How long the route walk waits for one bystander sibling before it also tries the next
+/// (happy-eyeballs style): dead siblings of a failed rack cost this much each, not a whole
+/// connect timeout.
+pub const ROUTE_STAGGER: Duration = Duration::from_millis(100);
+
+/// Opens a session to the failed host: tries the bystander siblings as jump hosts, a new one
+/// every [`ROUTE_STAGGER`] (or at once when the previous failed) while the earlier ones are
+/// still connecting; the first verified session wins. Only when no bystander works, the HA
+/// target, then a direct session. A sibling that cannot be used itself is skipped; an answer
 /// about the failed host (including "unreachable from a working sibling") ends the search.
 async fn connect_route<K: KillPort>(
     killer: K,
@@ -1137,46 +1144,73 @@ async fn connect_route<K: KillPort>(
     executors: Vec<Host>,
     target: String,
 ) -> Arc<Connection<K::Session>> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+
     let failed_t = SshTarget {
         host_uuid: failed.uuid.clone(),
         addr: failed.ssh,
     };
+    let jumps: Vec<(SshTarget, ExecutorRole)> = executors
+        .iter()
+        .map(|h| {
+            let role = if h.uuid == target {
+                ExecutorRole::Target
+            } else {
+                ExecutorRole::Sibling
+            };
+            let t = SshTarget {
+                host_uuid: h.uuid.clone(),
+                addr: h.ssh,
+            };
+            (t, role)
+        })
+        .collect();
+    let (bystanders, targets): (Vec<_>, Vec<_>) = jumps
+        .iter()
+        .partition(|(_, role)| *role == ExecutorRole::Sibling);
     let mut notes = Vec::new();
-    for jump in &executors {
-        let jump_t = SshTarget {
-            host_uuid: jump.uuid.clone(),
-            addr: jump.ssh,
-        };
-        let role = if jump.uuid == target {
-            ExecutorRole::Target
-        } else {
-            ExecutorRole::Sibling
-        };
-        match killer
-            .connect(Route::Via {
-                jump: &jump_t,
-                target: &failed_t,
-            })
-            .await
-        {
-            Ok(session) => {
-                return Arc::new(Connection::Ready {
-                    executor: Some(jump.uuid.clone()),
-                    role,
-                    notes,
-                    session: Mutex::new(Some(session)),
-                });
+    for group in [bystanders, targets] {
+        let mut queue = group.into_iter();
+        let mut pending = FuturesUnordered::new();
+        loop {
+            if pending.is_empty() {
+                match queue.next() {
+                    Some(j) => pending.push(via(killer.clone(), j, &failed_t)),
+                    None => break,
+                }
             }
-            Err(e) if e.peer().is_none_or(|p| p.host_uuid == jump.uuid) => {
-                notes.push(format!("via {}: {e}", jump.uuid));
-            }
-            Err(e) => {
-                notes.push(e.to_string());
-                return Arc::new(Connection::Unreachable {
-                    executor: Some(jump.uuid.clone()),
-                    role,
-                    detail: notes.join("; "),
-                });
+            let next = tokio::select! {
+                done = pending.next() => done,
+                _ = tokio::time::sleep(ROUTE_STAGGER), if queue.len() > 0 => {
+                    if let Some(j) = queue.next() {
+                        pending.push(via(killer.clone(), j, &failed_t));
+                    }
+                    continue;
+                }
+            };
+            let Some((jump, role, result)) = next else {
+                continue;
+            };
+            match result {
+                Ok(session) => {
+                    return Arc::new(Connection::Ready {
+                        executor: Some(jump),
+                        role,
+                        notes,
+                        session: Mutex::new(Some(session)),
+                    });
+                }
+                Err(e) if e.peer().is_none_or(|p| p.host_uuid == jump) => {
+                    notes.push(format!("via {jump}: {e}"));
+                }
+                Err(e) => {
+                    notes.push(e.to_string());
+                    return Arc::new(Connection::Unreachable {
+                        executor: Some(jump),
+                        role,
+                        detail: notes.join("; "),
+                    });
+                }
             }
         }
     }
@@ -1196,6 +1230,22 @@ async fn connect_route<K: KillPort>(
             })
         }
     }
+}
+
+/// One attempt of the route walk: a session to `failed` through `jump`.
+async fn via<K: KillPort>(
+    killer: K,
+    jump: &(SshTarget, ExecutorRole),
+    failed: &SshTarget,
+) -> (String, ExecutorRole, Result<K::Session, SshError>) {
+    let (jump_t, role) = jump;
+    let r = killer
+        .connect(Route::Via {
+            jump: jump_t,
+            target: failed,
+        })
+        .await;
+    (jump_t.host_uuid.clone(), *role, r)
 }
 
 /// One kill command for every VM that joins within [`KILL_GATHER_WINDOW`], on the host's
