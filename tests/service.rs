@@ -4,7 +4,7 @@
 //! Tests named e2e_* drive real VMs and run one at a time (nextest test group).
 //!
 //! Loopback addresses used: 127.0.0.91 – 127.0.0.99, 127.0.0.101 – 127.0.0.119 and
-//! 127.0.0.161 – 127.0.0.166.
+//! 127.0.0.161 – 127.0.0.169.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -922,4 +922,56 @@ async fn e2e_the_zstack_endpoint_without_volumes_says_it_has_no_evidence() {
         1,
         "nothing was done for the refused request"
     );
+}
+
+/// The ledger's file system hangs (the ledger file replaced by a FIFO nobody reads: opening it
+/// for writing blocks forever). The fence must still end, within its bounds, in a recorded
+/// `ledger-failed` deny — never wedge every identical retry (REVIEW-SAFETY H3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_hung_ledger_ends_in_a_recorded_deny_not_a_wedged_fence() {
+    let stack = Stack::new(167);
+    let svc = Running::start(&stack).await;
+    let ledger = stack.dir.path().join("ledger.jsonl");
+    let _ = std::fs::remove_file(&ledger);
+    let status = std::process::Command::new("mkfifo")
+        .arg(&ledger)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Unblocks the writer threads stuck opening the FIFO, so the test's runtime can shut down:
+    // a reader's open (non-blocking, so it never waits itself) lets their opens complete.
+    struct Drain(std::path::PathBuf);
+    impl Drop for Drain {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let reader = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+            std::thread::sleep(Duration::from_millis(300));
+            drop(reader);
+        }
+    }
+    let _drain = Drain(ledger.clone());
+    let img = TestImage::create("api-hung-ledger");
+    let mut body = pre(&new_uuid(), &[&img]);
+    body["request_id"] = json!("r-hung-ledger");
+    let started = std::time::Instant::now();
+    let (status, reply) = svc.post("/v1/pre-instantiate", &body).await;
+    let _g = BlocklistGuard::for_reply(&reply);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["reason"].as_str()),
+        (Some("deny"), Some("ledger-failed")),
+        "{reply:#}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    // The deny itself is kept: a replay answers it without acting again.
+    let (status, again) = svc.post("/v1/pre-instantiate", &body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["fence_id"], reply["fence_id"], "{again:#}");
 }
