@@ -24,7 +24,7 @@ use crate::fence::driver::FenceRequest;
 use crate::fence::record::FenceRecord;
 use crate::fence::vm::VmUuid;
 use crate::rbd::{BlocklistEntry, ImageSpec};
-use crate::service::Service;
+use crate::service::{PreInstantiateError, Service};
 
 /// Most volumes one request may name.
 pub const MAX_VOLUMES: usize = 64;
@@ -263,6 +263,14 @@ fn check_vm(field: &str, v: &str) -> Result<VmUuid, ApiError> {
         .map_err(|e: crate::fence::vm::VmUuidError| ApiError::bad(field, e.to_string()))
 }
 
+fn ledger_unavailable(e: crate::fence::ledger::LedgerError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ledger_unavailable",
+        e.to_string(),
+    )
+}
+
 fn bounded_fence_timeout(svc: &Service) -> Duration {
     // The engine's own deadline ends every fence; the HTTP bound is only a backstop.
     Duration::from_secs(svc.config.fence.deadline_secs + svc.config.api.request_timeout_secs)
@@ -271,12 +279,17 @@ fn bounded_fence_timeout(svc: &Service) -> Duration {
 async fn run_fence(svc: &Arc<Service>, req: FenceRequest) -> Result<FenceRecord, ApiError> {
     match tokio::time::timeout(bounded_fence_timeout(svc), svc.pre_instantiate(req)).await {
         Ok(Ok(record)) => Ok(record),
-        Ok(Err(reused)) => Err(ApiError {
+        Ok(Err(PreInstantiateError::Reused(reused))) => Err(ApiError {
             status: StatusCode::CONFLICT,
             code: "request_id_reused",
             message: reused.to_string(),
             field: Some("request_id".into()),
         }),
+        Ok(Err(e @ PreInstantiateError::Ledger(_))) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger_unavailable",
+            e.to_string(),
+        )),
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
@@ -424,14 +437,26 @@ async fn fences(
         .limit
         .unwrap_or(100)
         .min(crate::fence::ledger::MEMORY_LIMIT);
-    Ok(axum::Json(json!({"fences": svc.engine.ledger.recent(limit)})).into_response())
+    let fences = svc
+        .engine
+        .ledger
+        .recent(limit)
+        .await
+        .map_err(ledger_unavailable)?;
+    Ok(axum::Json(json!({ "fences": fences })).into_response())
 }
 
 async fn fence(
     State(svc): State<Arc<Service>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match svc.engine.ledger.get(&id) {
+    match svc
+        .engine
+        .ledger
+        .get(&id)
+        .await
+        .map_err(ledger_unavailable)?
+    {
         Some(r) => Ok(axum::Json(r).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -481,6 +506,8 @@ async fn unfence(
         .engine
         .ledger
         .recent(crate::fence::ledger::MEMORY_LIMIT)
+        .await
+        .map_err(ledger_unavailable)?
         .into_iter()
         .filter(|r| {
             r.failed_host == uuid

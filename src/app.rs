@@ -31,7 +31,11 @@ pub fn engine(
 ) -> Result<RealEngine, LedgerError> {
     let ledger = match &cfg.fence.ledger {
         Some(path) => Ledger::open(path.clone())?,
-        None => Ledger::in_memory(),
+        None => Ledger::in_rados(
+            link.clone(),
+            cfg.ledger.pool.clone(),
+            cfg.ledger.namespace.clone(),
+        ),
     };
     Ok(Engine::new(
         link,

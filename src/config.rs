@@ -40,9 +40,40 @@ pub struct Config {
     pub fence: FenceSection,
     pub ssh: SshSection,
     #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
     pub zstack: ZstackSection,
     #[serde(default)]
     pub hosts: Vec<HostEntry>,
+}
+
+/// The fence ledger in RADOS, shared by every instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    /// The pool holding the ledger's objects. Default `rbd`.
+    #[serde(default = "default_ledger_pool")]
+    pub pool: String,
+    /// The RADOS namespace of the ledger's objects, within the pool. Default `rbdfence`.
+    #[serde(default = "default_ledger_namespace")]
+    pub namespace: String,
+}
+
+fn default_ledger_pool() -> String {
+    "rbd".into()
+}
+
+fn default_ledger_namespace() -> String {
+    "rbdfence".into()
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            pool: default_ledger_pool(),
+            namespace: default_ledger_namespace(),
+        }
+    }
 }
 
 /// The ZStack endpoint (`POST /ha/sibling-fence-vm`).
@@ -112,7 +143,8 @@ pub struct FenceSection {
     /// The whole kill stage, every route tried.
     #[serde(default = "d15")]
     pub ssh_timeout_secs: u64,
-    /// Append-only JSON-lines ledger of decisions; in memory only when absent.
+    /// A local JSON-lines ledger instead of the one in RADOS (`[ledger]`): a single instance
+    /// only.
     pub ledger: Option<PathBuf>,
 }
 
@@ -237,6 +269,17 @@ impl Config {
         for (key, v) in secs {
             if v == 0 || v > 3600 {
                 return Err(bad(key.into(), "must be between 1 and 3600 seconds"));
+            }
+        }
+        for (key, v) in [
+            ("ledger.pool", &self.ledger.pool),
+            ("ledger.namespace", &self.ledger.namespace),
+        ] {
+            if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control() || c == '/') {
+                return Err(bad(
+                    key.into(),
+                    "1-128 characters, no '/' or control characters",
+                ));
             }
         }
         if self.fence.blocklist_expire_secs < 60 {

@@ -22,7 +22,7 @@ use crate::rbd::{CephError, Op};
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// The `op` label of `rbdfence_ceph_calls_total`.
-pub const CEPH_OPS: [&str; 8] = [
+pub const CEPH_OPS: [&str; 9] = [
     "connect",
     "image_status",
     "blocklist_add",
@@ -31,6 +31,7 @@ pub const CEPH_OPS: [&str; 8] = [
     "wait_for_latest_osdmap",
     "osdmap_epoch",
     "getaddrs",
+    "ledger",
 ];
 
 /// The `result` label of `rbdfence_ceph_calls_total`: `ok`, these errnos, or `other`.
@@ -307,6 +308,7 @@ impl Metrics {
             Op::BlocklistAdd => "blocklist_add",
             Op::BlocklistRm => "blocklist_rm",
             Op::BlocklistLs => "blocklist_ls",
+            Op::ObjectWrite | Op::ObjectRead | Op::ObjectList => "ledger",
             Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
             Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",
             Op::GetAddrs => "getaddrs",

@@ -19,6 +19,7 @@ use crate::app::RealEngine;
 use crate::config::Config;
 use crate::fence::decision::{Decision, DenyReason};
 use crate::fence::driver::FenceRequest;
+use crate::fence::ledger::LedgerError;
 use crate::fence::link::CephLink;
 use crate::fence::record::{EvidenceReport, FenceRecord, FenceReply};
 use crate::metrics::Metrics;
@@ -79,6 +80,16 @@ pub struct RequestIdReused {
     pub fence_id: String,
 }
 
+/// Why a request got no decision (nothing was done).
+#[derive(Debug, thiserror::Error)]
+pub enum PreInstantiateError {
+    #[error(transparent)]
+    Reused(#[from] RequestIdReused),
+    /// The ledger could not be read to check for an earlier answer to this `request_id`.
+    #[error("cannot check the ledger for an earlier answer: {0}")]
+    Ledger(#[from] LedgerError),
+}
+
 pub struct Service {
     pub engine: Arc<RealEngine>,
     pub link: Arc<CephLink>,
@@ -87,8 +98,6 @@ pub struct Service {
     /// The bearer token every /v1 and /ha call needs, when configured.
     pub token: Option<String>,
     in_flight: Mutex<HashMap<FenceKey, InFlight>>,
-    /// request_id → fence_id for requests that joined another request's fence.
-    aliases: Mutex<HashMap<String, String>>,
     generation: AtomicU64,
     tracker: TaskTracker,
 }
@@ -108,24 +117,14 @@ impl Service {
             config,
             token,
             in_flight: Mutex::default(),
-            aliases: Mutex::default(),
             generation: AtomicU64::new(0),
             tracker: TaskTracker::new(),
         })
     }
 
     /// The recorded answer to an earlier request with this id.
-    pub fn replay(&self, request_id: &str) -> Option<FenceRecord> {
-        if let Some(r) = self.engine.ledger.by_request_id(request_id) {
-            return Some(r);
-        }
-        let fence_id = self
-            .aliases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(request_id)
-            .cloned()?;
-        self.engine.ledger.get(&fence_id)
+    pub async fn replay(&self, request_id: &str) -> Result<Option<FenceRecord>, LedgerError> {
+        self.engine.ledger.by_request_id(request_id).await
     }
 
     /// Answers one pre-instantiate request. A repeated `request_id` gets the recorded answer
@@ -135,16 +134,18 @@ impl Service {
     pub async fn pre_instantiate(
         self: &Arc<Self>,
         req: FenceRequest,
-    ) -> Result<FenceRecord, RequestIdReused> {
+    ) -> Result<FenceRecord, PreInstantiateError> {
         let key = key_of(&req);
+        // A replay that cannot be checked is not answered: acting again could answer
+        // differently (nothing is done; the caller retries).
         if let Some(id) = &req.request_id
-            && let Some(r) = self.replay(id)
+            && let Some(r) = self.replay(id).await?
         {
             if key_of_record(&r) != key {
-                return Err(RequestIdReused {
+                return Err(PreInstantiateError::Reused(RequestIdReused {
                     request_id: id.clone(),
                     fence_id: r.reply.fence_id,
-                });
+                }));
             }
             return Ok(r);
         }
@@ -222,11 +223,11 @@ impl Service {
             }
         }
         let ids = std::mem::take(&mut *joined.lock().unwrap_or_else(|p| p.into_inner()));
-        if !ids.is_empty() {
-            let mut aliases = self.aliases.lock().unwrap_or_else(|p| p.into_inner());
-            for id in ids {
-                aliases.insert(id, record.reply.fence_id.clone());
-            }
+        for id in ids {
+            self.engine
+                .ledger
+                .record_alias(&id, &record.reply.fence_id)
+                .await;
         }
         Arc::new(record)
     }

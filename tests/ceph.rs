@@ -436,3 +436,52 @@ async fn a_hung_monitor_pins_at_most_one_thread_for_osdmap_waits() {
         "16 waits on a hung monitor left {grown} more threads (before: {before})"
     );
 }
+
+/// The object calls the fence ledger is built on: write, read, exclusive create (exactly one
+/// of several creators wins), and listing by prefix within one namespace only.
+#[tokio::test]
+async fn ledger_objects_round_trip_and_exclusive_create_has_one_winner() {
+    let ceph = admin().await;
+    let ns = common::unique("ns-objects");
+    assert_eq!(ceph.object_read("rbd", &ns, "fence.x").await.unwrap(), None);
+    ceph.object_write("rbd", &ns, "fence.x", b"one".to_vec())
+        .await
+        .unwrap();
+    ceph.object_write("rbd", &ns, "fence.x", b"two".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        ceph.object_read("rbd", &ns, "fence.x").await.unwrap(),
+        Some(b"two".to_vec())
+    );
+    let creators = futures::future::join_all((0..8).map(|i| {
+        ceph.object_create_exclusive("rbd", &ns, "request.r", format!("f-{i}").into_bytes())
+    }))
+    .await;
+    let won: Vec<usize> = creators
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| *r.as_ref().unwrap())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(won.len(), 1, "{creators:?}");
+    assert_eq!(
+        ceph.object_read("rbd", &ns, "request.r").await.unwrap(),
+        Some(format!("f-{}", won[0]).into_bytes()),
+        "the winner's data stays"
+    );
+    let mut listed = ceph.object_list("rbd", &ns, "").await.unwrap();
+    listed.sort();
+    assert_eq!(listed, vec!["fence.x", "request.r"]);
+    assert_eq!(
+        ceph.object_list("rbd", &ns, "fence.").await.unwrap(),
+        vec!["fence.x"]
+    );
+    let other = common::unique("ns-objects");
+    assert!(
+        ceph.object_list("rbd", &other, "")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

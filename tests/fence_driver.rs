@@ -299,7 +299,16 @@ async fn fences_storage_first_then_kills_through_a_bystander_sibling() {
         Some(42)
     );
     // Recorded before the reply.
-    assert_eq!(s.engine.ledger.by_request_id("r-1").unwrap().reply, r.reply);
+    assert_eq!(
+        s.engine
+            .ledger
+            .by_request_id("r-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .reply,
+        r.reply
+    );
 }
 
 #[tokio::test]
@@ -531,6 +540,8 @@ async fn an_unwritable_ledger_turns_an_approval_into_a_deny() {
         Ledger::open(path.clone())
             .unwrap()
             .by_request_id("r-1")
+            .await
+            .unwrap()
             .unwrap()
             .reply
             .fence_id,

@@ -187,7 +187,7 @@ async fn malformed_requests_are_400_naming_the_field_and_change_nothing() {
     );
     // Nothing was done.
     assert_eq!(admin().await.blocklist_ls().await.unwrap(), before);
-    assert!(svc.svc.engine.ledger.recent(10).is_empty());
+    assert!(svc.svc.engine.ledger.recent(10).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,32 @@ ssize_t rados_list_lockers(rados_ioctx_t io, const char *oid, const char *name,
                            char *cookies, size_t *cookies_len,
                            char *addrs, size_t *addrs_len);
 
+/* ---- librados: whole objects (the fence ledger) ---- */
+/* Replaces the object's data with len bytes of buf (creates it if missing). */
+int rados_write_full(rados_ioctx_t io, const char *oid, const char *buf, size_t len);
+/* Reads up to len bytes from offset off; returns the number of bytes read. */
+int rados_read(rados_ioctx_t io, const char *oid, char *buf, size_t len, uint64_t off);
+/* Size and modification time of an object; -ENOENT when it does not exist. */
+int rados_stat(rados_ioctx_t io, const char *o, uint64_t *psize, time_t *pmtime);
+
+/* A compound write: created, filled, run on one object atomically, released. */
+typedef void *rados_write_op_t;
+rados_write_op_t rados_create_write_op(void);
+void rados_release_write_op(rados_write_op_t write_op);
+/* exclusive = 1: the whole op fails with -EEXIST when the object exists already. */
+void rados_write_op_create(rados_write_op_t write_op, int exclusive, const char *category);
+void rados_write_op_write_full(rados_write_op_t write_op, const char *buffer, size_t len);
+int rados_write_op_operate(rados_write_op_t write_op, rados_ioctx_t io, const char *oid,
+                           time_t *mtime, int flags);
+
+/* Listing the objects of the ioctx's namespace. */
+typedef void *rados_list_ctx_t;
+int rados_nobjects_list_open(rados_ioctx_t io, rados_list_ctx_t *ctx);
+/* Next object: entry is its name (valid until the next call); -ENOENT at the end. */
+int rados_nobjects_list_next(rados_list_ctx_t ctx, const char **entry, const char **key,
+                             const char **nspace);
+void rados_nobjects_list_close(rados_list_ctx_t ctx);
+
 /* ---- librbd ---- */
 void rbd_version(int *major, int *minor, int *extra);
 int rbd_open_read_only(rados_ioctx_t io, const char *name, rbd_image_t *image,

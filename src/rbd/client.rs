@@ -271,6 +271,84 @@ impl Ceph {
         &self.rados
     }
 
+    /// Replaces object `oid` of `pool`/`namespace` with `data`.
+    pub async fn object_write(
+        &self,
+        pool: &str,
+        namespace: &str,
+        oid: &str,
+        data: Vec<u8>,
+    ) -> Result<(), CephError> {
+        let (pools, pool, ns, o) = (
+            self.pools.clone(),
+            pool.to_string(),
+            namespace.to_string(),
+            oid.to_string(),
+        );
+        self.call(Op::ObjectWrite, oid.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.write_full(&o, &data)
+        })
+        .await
+    }
+
+    /// Creates object `oid` with `data` unless it exists: `Ok(false)` when it does.
+    pub async fn object_create_exclusive(
+        &self,
+        pool: &str,
+        namespace: &str,
+        oid: &str,
+        data: Vec<u8>,
+    ) -> Result<bool, CephError> {
+        let (pools, pool, ns, o) = (
+            self.pools.clone(),
+            pool.to_string(),
+            namespace.to_string(),
+            oid.to_string(),
+        );
+        self.call(Op::ObjectWrite, oid.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.create_exclusive(&o, &data)
+        })
+        .await
+    }
+
+    /// Object `oid`'s data, `None` when it does not exist.
+    pub async fn object_read(
+        &self,
+        pool: &str,
+        namespace: &str,
+        oid: &str,
+    ) -> Result<Option<Vec<u8>>, CephError> {
+        let (pools, pool, ns, o) = (
+            self.pools.clone(),
+            pool.to_string(),
+            namespace.to_string(),
+            oid.to_string(),
+        );
+        self.call(Op::ObjectRead, oid.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.read_full(&o)
+        })
+        .await
+    }
+
+    /// The names of the objects of `pool`/`namespace` that start with `prefix`.
+    pub async fn object_list(
+        &self,
+        pool: &str,
+        namespace: &str,
+        prefix: &str,
+    ) -> Result<Vec<String>, CephError> {
+        let (pools, pool, ns, p) = (
+            self.pools.clone(),
+            pool.to_string(),
+            namespace.to_string(),
+            prefix.to_string(),
+        );
+        self.call(Op::ObjectList, prefix.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.list(&p)
+        })
+        .await
+    }
+
     /// Opens (or reuses) the pool's IoCtx; for callers on a blocking thread.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
         ioctx_for(&self.pools, &self.rados, pool, "")

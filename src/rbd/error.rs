@@ -23,6 +23,9 @@ pub enum Op {
     BlocklistAdd,
     BlocklistRm,
     BlocklistLs,
+    ObjectWrite,
+    ObjectRead,
+    ObjectList,
 }
 
 impl Op {
@@ -45,6 +48,9 @@ impl Op {
             Op::BlocklistAdd => "blocklist add",
             Op::BlocklistRm => "blocklist rm",
             Op::BlocklistLs => "blocklist ls",
+            Op::ObjectWrite => "write object",
+            Op::ObjectRead => "read object",
+            Op::ObjectList => "list objects",
         }
     }
 
@@ -67,6 +73,9 @@ impl Op {
             Op::BlocklistAdd => "blocklist_add",
             Op::BlocklistRm => "blocklist_rm",
             Op::BlocklistLs => "blocklist_ls",
+            Op::ObjectWrite => "object_write",
+            Op::ObjectRead => "object_read",
+            Op::ObjectList => "object_list",
         }
     }
 }

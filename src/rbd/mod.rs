@@ -29,6 +29,7 @@ pub mod errno;
 mod error;
 mod image;
 mod ioctx;
+mod object;
 
 pub use addr::{AddrError, BlocklistEntry, Cidr, EntityAddr};
 pub use blocklist::{BlocklistItem, ceph_time_to_rfc3339};

@@ -47,6 +47,8 @@ pub struct Stack {
     pub config: PathBuf,
     /// Extra TOML appended to the [api] section (e.g. a token file).
     pub api_extra: String,
+    /// The ledger in RADOS (pool `rbd`, this namespace) instead of the local file.
+    pub ledger_namespace: Option<String>,
 }
 
 impl Stack {
@@ -72,6 +74,7 @@ impl Stack {
         let mut s = Stack {
             config: dir.path().join("rbdfence.toml"),
             api_extra: String::new(),
+            ledger_namespace: None,
             dir,
             key,
             failed_ip,
@@ -103,7 +106,7 @@ connect_timeout_secs = 5
 blocklist_expire_secs = 600
 deadline_secs = 40
 ssh_timeout_secs = 20
-ledger = "{ledger}"
+{ledger}
 [ssh]
 user = "root"
 identity = "{identity}"
@@ -128,7 +131,13 @@ ssh = "{sibling_ssh}"
 "#,
             conf = ceph_conf.display(),
             api_extra = self.api_extra,
-            ledger = self.dir.path().join("ledger.jsonl").display(),
+            ledger = match &self.ledger_namespace {
+                Some(ns) => format!("[ledger]\npool = \"rbd\"\nnamespace = \"{ns}\""),
+                None => format!(
+                    "ledger = \"{}\"",
+                    self.dir.path().join("ledger.jsonl").display()
+                ),
+            },
             identity = self.key.identity().display(),
             known_hosts = self.dir.path().join("known_hosts").display(),
             t = o + 1,
@@ -232,5 +241,60 @@ impl Drop for CephUser {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status();
+    }
+}
+
+/// `rbdfence serve` as a real process, ended (SIGKILL) when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `http://IP:PORT`
+    pub base: String,
+}
+
+impl ServeProcess {
+    /// Starts `rbdfence serve --config CONFIG` and waits (bounded) until it listens.
+    pub fn start(config: &std::path::Path) -> ServeProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rbdfence"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let listen = loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("rbdfence serve did not start");
+            if let Some(rest) = line.split("listen=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        ServeProcess {
+            child,
+            base: format!("http://{listen}"),
+        }
+    }
+
+    /// SIGKILL, and reap it: nothing it held in memory survives.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

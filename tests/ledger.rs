@@ -1,0 +1,129 @@
+//! The fence ledger in RADOS, against the real micro cluster and `rbdfence serve` as a real
+//! process: a decision and every `request_id` that got it (its own, or one that joined its
+//! fence) outlive a SIGKILL of the service, and another instance answers them without acting
+//! again. Named e2e_* so nextest runs them one at a time.
+//!
+//! Loopback addresses used: 127.0.0.171 – 127.0.0.173.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::stack::{ServeProcess, Stack, new_uuid};
+use common::{BlocklistGuard, TestImage, unique};
+use serde_json::{Value, json};
+
+async fn post(http: &reqwest::Client, base: &str, body: &Value) -> Value {
+    let resp = http
+        .post(format!("{base}/v1/pre-instantiate"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+async fn get(http: &reqwest::Client, url: String) -> (u16, String) {
+    let resp = http.get(url).send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+async fn metric(http: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let (_, text) = get(http, format!("{base}/metrics")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_decisions_and_request_ids_outlive_a_sigkill_of_the_service() {
+    let mut stack = Stack::new(171);
+    stack.ledger_namespace = Some(unique("rbdfence-test"));
+    stack.write_config("rbdfence", &common::cluster().conf.clone());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let img = TestImage::create("ledger-kill9");
+    let first = ServeProcess::start(&stack.config);
+    // One request with its own id, and two identical ones that share one fence.
+    let own = json!({"request_id": "r-own", "vm_uuid": new_uuid(), "failed_host": "h1",
+                     "target_host": "h2", "volumes": [img.name()]});
+    let answer = post(&http, &first.base, &own).await;
+    let _g1 = BlocklistGuard::for_reply(&answer);
+    assert_eq!(answer["decision"], "approve", "{answer:#}");
+    let vm = new_uuid();
+    let mut a = json!({"vm_uuid": vm, "failed_host": "h1", "target_host": "h2",
+                       "volumes": [img.name()]});
+    let mut b = a.clone();
+    a["request_id"] = json!("r-a");
+    b["request_id"] = json!("r-joined");
+    let (ra, rb) = tokio::join!(post(&http, &first.base, &a), post(&http, &first.base, &b));
+    let _g2 = BlocklistGuard::for_reply(&ra);
+    assert_eq!(ra["fence_id"], rb["fence_id"], "one fence for both");
+
+    first.kill9();
+    let second = ServeProcess::start(&stack.config);
+    for (body, want) in [(&own, &answer), (&b, &ra)] {
+        let again = post(&http, &second.base, body).await;
+        assert_eq!(again["fence_id"], want["fence_id"], "{again:#}");
+        assert_eq!(again["decision"], want["decision"]);
+    }
+    assert_eq!(
+        metric(
+            &http,
+            &second.base,
+            "rbdfence_ssh_sessions_total{result=\"ok\"}"
+        )
+        .await,
+        0.0,
+        "the replays touched nothing"
+    );
+    assert_eq!(
+        metric(
+            &http,
+            &second.base,
+            "rbdfence_fence_outcomes_total{outcome=\"failed\"}"
+        )
+        .await
+            + metric(
+                &http,
+                &second.base,
+                "rbdfence_fence_outcomes_total{outcome=\"success-already-dead\"}"
+            )
+            .await,
+        0.0,
+        "no new fence"
+    );
+    // The ledger lists both fences, newest first, and each by its id.
+    let (status, list) = get(&http, format!("{}/v1/fences", second.base)).await;
+    assert_eq!(status, 200, "{list}");
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let ids: Vec<&str> = list["fences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["fence_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ra["fence_id"].as_str().unwrap(),
+            answer["fence_id"].as_str().unwrap()
+        ]
+    );
+    let (status, one) = get(
+        &http,
+        format!(
+            "{}/v1/fences/{}",
+            second.base,
+            answer["fence_id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{one}");
+    let one: Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["request_id"], "r-own");
+}
