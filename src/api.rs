@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::config::valid_host_uuid;
 use crate::fence::driver::FenceRequest;
-use crate::fence::record::FenceRecord;
+use crate::fence::record::{FenceRecord, FenceView, UnfenceRecord};
 use crate::fence::vm::VmUuid;
 use crate::rbd::{BlocklistEntry, ImageSpec};
 use crate::service::{PreInstantiateError, Service};
@@ -437,12 +437,16 @@ async fn fences(
         .limit
         .unwrap_or(100)
         .min(crate::fence::ledger::MEMORY_LIMIT);
-    let fences = svc
-        .engine
-        .ledger
-        .recent(limit)
-        .await
-        .map_err(ledger_unavailable)?;
+    let ledger = &svc.engine.ledger;
+    let fences = ledger.recent(limit).await.map_err(ledger_unavailable)?;
+    let unfences = ledger.unfences(None).await.map_err(ledger_unavailable)?;
+    let fences: Vec<FenceView> = fences
+        .into_iter()
+        .map(|r| FenceView {
+            state: r.state(&unfences),
+            record: r,
+        })
+        .collect();
     Ok(axum::Json(json!({ "fences": fences })).into_response())
 }
 
@@ -457,7 +461,19 @@ async fn fence(
         .await
         .map_err(ledger_unavailable)?
     {
-        Some(r) => Ok(axum::Json(r).into_response()),
+        Some(r) => {
+            let unfences = svc
+                .engine
+                .ledger
+                .unfences(Some(&r.failed_host))
+                .await
+                .map_err(ledger_unavailable)?;
+            let view = FenceView {
+                state: r.state(&unfences),
+                record: r,
+            };
+            Ok(axum::Json(view).into_response())
+        }
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "fence_not_found",
@@ -469,17 +485,15 @@ async fn fence(
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct UnfenceBody {
-    /// Also lift exact `IP:PORT/NONCE` entries on the host's addresses (default true).
-    #[serde(default)]
-    include_exact: Option<bool>,
     /// Lift even though a fence of this host approved without seeing its VM's qemu gone.
     #[serde(default)]
     force: bool,
 }
 
-/// Lifts every blocklist entry on a host's storage addresses. Only for hosts whose VMs are
-/// confirmed gone (the operator's call): a fenced client stays broken until it reconnects,
-/// but a new client from the host could write again.
+/// Lifts the blocklist entries this service's fences of a host made (never anyone else's),
+/// once its VMs are confirmed gone, and records the unfence in the ledger. Refused while a
+/// fence of the host approved on the blocklist alone (its VM never seen gone: `force` skips
+/// that proof, and is recorded as forced), and always while a fence of the host is in flight.
 async fn unfence(
     State(svc): State<Arc<Service>>,
     Path(uuid): Path<String>,
@@ -493,31 +507,39 @@ async fn unfence(
     } else {
         UnfenceBody::default()
     };
-    let Some(host) = svc.engine.inventory.get(&uuid) else {
+    if svc.engine.inventory.get(&uuid).is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_host",
             format!("host {uuid} is not in the inventory"),
         ));
-    };
-    // The blocklist is all that stops a VM whose qemu was never seen gone: refuse to lift it
-    // unless the operator says they checked.
-    let unconfirmed: Vec<String> = svc
-        .engine
-        .ledger
-        .recent(crate::fence::ledger::MEMORY_LIMIT)
+    }
+    if svc.fence_in_flight_for(&uuid) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "fence_in_flight",
+            format!(
+                "a fence of {uuid} is running; its approval would rest on entries lifted under it"
+            ),
+        ));
+    }
+    let ledger = &svc.engine.ledger;
+    let unfences = ledger
+        .unfences(Some(&uuid))
+        .await
+        .map_err(ledger_unavailable)?;
+    // Every fence of the host still in force, from the shared ledger (any instance, any restart).
+    let in_force: Vec<FenceRecord> = ledger
+        .recent(usize::MAX)
         .await
         .map_err(ledger_unavailable)?
         .into_iter()
-        .filter(|r| {
-            r.failed_host == uuid
-                && r.reply.approved()
-                && matches!(
-                    r.reply.reason.as_str(),
-                    "ssh-unreachable" | "storage-fenced"
-                )
-        })
-        .map(|r| r.vm_uuid)
+        .filter(|r| r.failed_host == uuid && r.state(&unfences).in_force)
+        .collect();
+    let unconfirmed: Vec<String> = in_force
+        .iter()
+        .filter(|r| r.unproven())
+        .map(|r| r.vm_uuid.clone())
         .collect();
     if !unconfirmed.is_empty() && !opts.force {
         return Err(ApiError {
@@ -529,6 +551,8 @@ async fn unfence(
             field: Some("force".into()),
         });
     }
+    let ours: std::collections::BTreeSet<String> =
+        in_force.iter().flat_map(FenceRecord::entries).collect();
     let ceph = svc.link.ceph().map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -544,32 +568,44 @@ async fn unfence(
         )
     })?;
     let mut lifted = Vec::new();
-    for item in listed {
+    for item in listed.iter().filter(|i| ours.contains(&i.entry)) {
         let Ok(entry) = item.entry.parse::<BlocklistEntry>() else {
             continue;
         };
-        let ours = match entry {
-            BlocklistEntry::Addr(a) if a.port == 0 && a.nonce == 0 => host.owns(a.ip),
-            BlocklistEntry::Addr(a) => opts.include_exact.unwrap_or(true) && host.owns(a.ip),
-            // The distinct cover a fence makes when an older whole-IP entry lapses too soon.
-            BlocklistEntry::Range(c) => {
-                c.prefix == if c.ip.is_ipv4() { 32 } else { 128 } && host.owns(c.ip)
-            }
-        };
-        if ours {
-            ceph.blocklist_rm(entry).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "blocklist_rm_failed",
-                    e.to_string(),
-                )
-            })?;
-            lifted.push(entry.to_string());
-        }
+        ceph.blocklist_rm(entry).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "blocklist_rm_failed",
+                e.to_string(),
+            )
+        })?;
+        lifted.push(entry.to_string());
     }
+    let trigger = if opts.force && !unconfirmed.is_empty() {
+        "forced"
+    } else {
+        "api"
+    };
+    let record = UnfenceRecord {
+        unfence_id: crate::fence::driver::new_fence_id().replacen("f-", "u-", 1),
+        host: uuid.clone(),
+        at: crate::fence::driver::now_rfc3339(),
+        trigger: trigger.into(),
+        fences: in_force.iter().map(|r| r.reply.fence_id.clone()).collect(),
+        lifted: lifted.clone(),
+    };
+    ledger
+        .record_unfence(record.clone())
+        .await
+        .map_err(ledger_unavailable)?;
     svc.metrics.entries_lifted(&lifted);
-    tracing::info!(target: "rbdfence::audit", host = %uuid, lifted = ?lifted, "host unfenced");
-    Ok(axum::Json(json!({"host": uuid, "lifted": lifted})).into_response())
+    svc.metrics.unfenced(trigger);
+    tracing::info!(target: "rbdfence::audit", host = %uuid, unfence_id = %record.unfence_id, trigger, lifted = ?lifted, fences = ?record.fences, "host unfenced");
+    Ok(axum::Json(
+        json!({"host": uuid, "unfence_id": record.unfence_id, "trigger": trigger,
+                          "fences": record.fences, "lifted": lifted}),
+    )
+    .into_response())
 }
 
 async fn metrics(State(svc): State<Arc<Service>>) -> Response {

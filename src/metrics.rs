@@ -91,6 +91,14 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: &'static str,
+}
+
+/// The `trigger` label of `rbdfence_unfences_total`.
+pub const UNFENCE_TRIGGERS: [&str; 3] = ["auto", "api", "forced"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {
     scope: &'static str,
 }
@@ -132,6 +140,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     scopes: Family<ScopeLabels, Counter>,
     without_volumes: Counter,
+    unfences: Family<TriggerLabels, Counter>,
     fence_duration: Histogram,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     ceph_calls: Family<CephCallLabels, Counter>,
@@ -157,6 +166,7 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         let scopes = Family::<ScopeLabels, Counter>::default();
         let without_volumes = Counter::default();
+        let unfences = Family::<TriggerLabels, Counter>::default();
         let fence_duration = histogram();
         let stage_duration =
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
@@ -180,6 +190,11 @@ impl Metrics {
             "rbdfence_fence_scope",
             "Approvals by the scope of the storage fence they rest on",
             scopes.clone(),
+        );
+        registry.register(
+            "rbdfence_unfences",
+            "Hosts unfenced: their fences' entries lifted, by what proved the VMs gone",
+            unfences.clone(),
         );
         registry.register(
             "rbdfence_fences_without_volumes",
@@ -250,6 +265,9 @@ impl Metrics {
                 reason: r.as_str(),
             });
         }
+        for trigger in UNFENCE_TRIGGERS {
+            let _ = unfences.get_or_create(&TriggerLabels { trigger });
+        }
         for s in Scope::ALL {
             let _ = scopes.get_or_create(&ScopeLabels { scope: s.as_str() });
         }
@@ -266,6 +284,7 @@ impl Metrics {
             decisions,
             scopes,
             without_volumes,
+            unfences,
             fence_duration,
             stage_duration,
             ceph_calls,
@@ -361,6 +380,15 @@ impl Metrics {
     }
 
     /// Entries of a host were lifted (unfence).
+    /// One unfence, by its trigger (one of [`UNFENCE_TRIGGERS`]).
+    pub fn unfenced(&self, trigger: &str) {
+        if let Some(trigger) = UNFENCE_TRIGGERS.iter().find(|t| **t == trigger) {
+            self.unfences
+                .get_or_create(&TriggerLabels { trigger })
+                .inc();
+        }
+    }
+
     pub fn entries_lifted(&self, entries: &[String]) {
         let mut managed = self.managed.lock().unwrap_or_else(|p| p.into_inner());
         for e in entries {

@@ -240,6 +240,15 @@ impl Service {
             .is_ok()
     }
 
+    /// Whether a fence of `host` (as the failed host) is running in this instance.
+    pub fn fence_in_flight_for(&self, host: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(key, f)| key.1 == host && f.fut.peek().is_none())
+    }
+
     pub fn in_flight(&self) -> usize {
         self.tracker.len()
     }

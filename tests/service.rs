@@ -286,14 +286,20 @@ async fn e2e_pre_instantiate_approves_records_and_replays_without_acting_again()
         "the VM's exact address (scope vm), not the whole host"
     );
 
-    // Unfence lifts the host's entries.
+    // Unfence lifts the entries the host's fences made (and only those).
     let (status, lifted) = svc.post("/v1/hosts/h1/unfence", &json!({})).await;
     assert_eq!(status, 200, "{lifted}");
+    assert_eq!(lifted["lifted"], reply["evidence"]["blocklist"]["entries"]);
     let listed = admin().await.blocklist_ls().await.unwrap();
-    assert!(
-        !listed.iter().any(|i| i.entry.starts_with("127.0.0.97:")),
-        "{listed:?}"
-    );
+    for e in reply["evidence"]["blocklist"]["entries"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            !listed.iter().any(|i| i.entry == e.as_str().unwrap()),
+            "{e} still listed: {listed:?}"
+        );
+    }
     assert_eq!(svc.metric("rbdfence_blocklist_entries").await, 0.0);
     assert_eq!(svc.post("/v1/hosts/nope/unfence", &json!({})).await.0, 404);
 }

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::link::CephLink;
-use super::record::FenceRecord;
+use super::record::{FenceRecord, UnfenceRecord};
 use crate::rbd::CephError;
 
 /// Records kept in memory.
@@ -29,6 +29,9 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5)
 
 const FENCE_PREFIX: &str = "fence.";
 const REQUEST_PREFIX: &str = "request.";
+/// `unfence.<host>:<unfence_id>`: `:` is not allowed in host ids, so the prefix of one host
+/// never matches another's.
+const UNFENCE_PREFIX: &str = "unfence.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -133,6 +136,42 @@ impl RadosStore {
         Ok(data.map(|d| String::from_utf8_lossy(&d).into_owned()))
     }
 
+    async fn write_unfence(&self, u: &UnfenceRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_vec(u).map_err(|e| self.invalid(e.to_string()))?;
+        let oid = format!("{UNFENCE_PREFIX}{}:{}", u.host, u.unfence_id);
+        self.ceph()?
+            .object_write(&self.pool, &self.namespace, &oid, json)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn unfences(&self, host: Option<&str>) -> Result<Vec<UnfenceRecord>, LedgerError> {
+        let ceph = self.ceph()?;
+        let prefix = match host {
+            Some(h) => format!("{UNFENCE_PREFIX}{h}:"),
+            None => UNFENCE_PREFIX.to_string(),
+        };
+        let mut out = Vec::new();
+        for oid in ceph
+            .object_list(&self.pool, &self.namespace, &prefix)
+            .await
+            .map_err(|e| self.err(e))?
+        {
+            let Some(data) = ceph
+                .object_read(&self.pool, &self.namespace, &oid)
+                .await
+                .map_err(|e| self.err(e))?
+            else {
+                continue;
+            };
+            out.push(
+                serde_json::from_slice(&data)
+                    .map_err(|e| self.invalid(format!("{oid} is not an unfence record: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
     async fn recent(&self, limit: usize) -> Result<Vec<FenceRecord>, LedgerError> {
         let ceph = self.ceph()?;
         let mut ids: Vec<String> = ceph
@@ -185,6 +224,8 @@ pub struct Ledger {
     /// request_id → fence_id for requests that joined another request's fence (also in RADOS
     /// when that is the backend).
     aliases: Arc<Mutex<HashMap<String, String>>>,
+    /// Unfences recorded by this process (in RADOS too when that is the backend).
+    unfences: Arc<Mutex<Vec<UnfenceRecord>>>,
 }
 
 impl Ledger {
@@ -291,6 +332,33 @@ impl Ledger {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FenceRecord>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an unfence, before its reply is sent.
+    pub async fn record_unfence(&self, u: UnfenceRecord) -> Result<(), LedgerError> {
+        if let Some(store) = &self.rados {
+            bounded(store.write_unfence(&u), store).await?;
+        }
+        self.unfences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(u);
+        Ok(())
+    }
+
+    /// The unfences of `host` (every host's when `None`).
+    pub async fn unfences(&self, host: Option<&str>) -> Result<Vec<UnfenceRecord>, LedgerError> {
+        if let Some(store) = &self.rados {
+            return bounded(store.unfences(host), store).await;
+        }
+        Ok(self
+            .unfences
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|u| host.is_none_or(|h| u.host == h))
+            .cloned()
+            .collect())
     }
 
     /// Records that `request_id` joined fence `fence_id` (it gets that answer on a replay).

@@ -115,3 +115,99 @@ pub struct FenceRecord {
     #[serde(flatten)]
     pub reply: FenceReply,
 }
+
+/// An unfence of a host, as the ledger keeps it: which of its fences it ended, which entries
+/// it lifted (only ever entries those fences made), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnfenceRecord {
+    pub unfence_id: String,
+    pub host: String,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `api` (the VMs were confirmed gone), `forced` (the operator skipped that proof) or
+    /// `auto` (the lifecycle proved the VMs gone).
+    pub trigger: String,
+    /// The fences it ended.
+    pub fences: Vec<String>,
+    /// The blocklist entries it removed.
+    pub lifted: Vec<String>,
+}
+
+/// Whether a fence is still in force, as the ledger tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceState {
+    /// An approval whose entries are still meant to fence (not lifted, not lapsed).
+    pub in_force: bool,
+    /// The unfence that ended it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub unfence_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub lifted_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub trigger: Option<String>,
+}
+
+/// A fence record with its state, as `GET /v1/fences` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FenceView {
+    #[serde(flatten)]
+    pub record: FenceRecord,
+    pub state: FenceState,
+}
+
+fn rfc3339(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+impl FenceRecord {
+    /// Whether this approval rests on the blocklist alone: its VM was never seen gone.
+    pub fn unproven(&self) -> bool {
+        self.reply.approved()
+            && matches!(
+                self.reply.reason.as_str(),
+                "ssh-unreachable" | "storage-fenced"
+            )
+    }
+
+    /// The entries this fence made and rests on (none for a deny or a dry run).
+    pub fn entries(&self) -> Vec<String> {
+        match &self.reply.evidence.blocklist {
+            Some(b) if self.reply.approved() && !self.dry_run => b.entries.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn lapsed(&self, now: time::OffsetDateTime) -> bool {
+        let untils: Vec<time::OffsetDateTime> = self
+            .reply
+            .evidence
+            .blocklist
+            .iter()
+            .flat_map(|b| b.expires.iter())
+            .filter_map(|e| rfc3339(&e.until))
+            .collect();
+        !untils.is_empty() && untils.iter().all(|u| *u <= now)
+    }
+
+    /// Its state, given the unfences of its host.
+    pub fn state(&self, unfences: &[UnfenceRecord]) -> FenceState {
+        let ended = unfences
+            .iter()
+            .find(|u| u.host == self.failed_host && u.fences.contains(&self.reply.fence_id));
+        match ended {
+            Some(u) => FenceState {
+                in_force: false,
+                unfence_id: Some(u.unfence_id.clone()),
+                lifted_at: Some(u.at.clone()),
+                trigger: Some(u.trigger.clone()),
+            },
+            None => FenceState {
+                in_force: !self.entries().is_empty()
+                    && !self.lapsed(time::OffsetDateTime::now_utc()),
+                unfence_id: None,
+                lifted_at: None,
+                trigger: None,
+            },
+        }
+    }
+}
