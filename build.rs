@@ -33,6 +33,8 @@ const FUNCTIONS: &[&str] = &[
     "rados_nobjects_list_open",
     "rados_nobjects_list_next",
     "rados_nobjects_list_close",
+    "rados_lock_exclusive",
+    "rados_unlock",
     "rbd_version",
     "rbd_open_read_only",
     "rbd_close",
@@ -56,6 +58,7 @@ const VARS: &[&str] = &[
     "RBDFENCE_LIBRADOS_MINOR",
     "RBDFENCE_LIBRBD_MAJOR",
     "RBDFENCE_LIBRBD_MINOR",
+    "RBDFENCE_LOCK_FLAG_MAY_RENEW",
 ];
 
 fn main() {

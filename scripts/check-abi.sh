@@ -14,7 +14,8 @@ cc -std=c11 -Wall -Wextra -Werror -pedantic -I "$root/vendor-headers" \
 missing=0
 exported=$(nm -D --defined-only "$(ldconfig -p | awk '/librados.so.2 /{print $NF; exit}')" \
   "$(ldconfig -p | awk '/librbd.so.1 /{print $NF; exit}')" | awk '{print $3}')
-for sym in $(grep -oE '^[a-z_ ]+\**[a-z_]+\(' "$root/vendor-headers/rbdfence_ceph.h" | grep -oE '(rados|rbd)_[a-z_]+'); do
+# (the function's name is the identifier right before its '('; a return type may be a handle)
+for sym in $(grep -oE '^[a-z_0-9 ]+\**[a-z_0-9]+\(' "$root/vendor-headers/rbdfence_ceph.h" | grep -oE '[a-z_0-9]+\($' | tr -d '(' | grep -E '^(rados|rbd)_'); do
   if ! grep -qx "$sym" <<<"$exported"; then
     echo "check-abi: $sym is declared but not exported by librados/librbd" >&2
     missing=1

@@ -327,7 +327,7 @@ impl Metrics {
             Op::BlocklistAdd => "blocklist_add",
             Op::BlocklistRm => "blocklist_rm",
             Op::BlocklistLs => "blocklist_ls",
-            Op::ObjectWrite | Op::ObjectRead | Op::ObjectList => "ledger",
+            Op::ObjectWrite | Op::ObjectRead | Op::ObjectList | Op::ObjectLock => "ledger",
             Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
             Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",
             Op::GetAddrs => "getaddrs",

@@ -100,6 +100,113 @@ pub struct Service {
     in_flight: Mutex<HashMap<FenceKey, InFlight>>,
     generation: AtomicU64,
     tracker: TaskTracker,
+    /// Who this instance is, in the host leases it takes.
+    instance: String,
+    /// The host leases this instance holds (or is waiting for), by host.
+    leases: Mutex<HashMap<String, HostLease>>,
+}
+
+/// How long a host's lease lasts without renewal: a dead instance's lease runs out this soon.
+pub const HOST_LEASE: Duration = Duration::from_secs(10);
+const LEASE_RENEW: Duration = Duration::from_secs(3);
+const LEASE_RETRY: Duration = Duration::from_millis(100);
+
+struct HostLease {
+    /// Fences of this instance that use (or wait for) the lease.
+    holders: usize,
+    ready: Shared<BoxFuture<'static, Result<(), String>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// One fence's use of its host's lease; the last one gives the lease back.
+struct LeaseGuard {
+    svc: Arc<Service>,
+    host: String,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let mut map = self.svc.leases.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(&self.host) {
+            e.holders = e.holders.saturating_sub(1);
+            if e.holders == 0
+                && let Some(e) = map.remove(&self.host)
+            {
+                let _ = e.stop.send(true);
+            }
+        }
+    }
+}
+
+/// Takes `host`'s lease in the ledger (retrying while another instance holds it, until
+/// `within`), tells `ready`, renews it until `stop`, then gives it back.
+async fn hold_lease(
+    ledger: crate::fence::ledger::Ledger,
+    host: String,
+    holder: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match ledger.lease(&host, &holder, HOST_LEASE).await {
+            Ok(true) => break,
+            Ok(false) if tokio::time::Instant::now() < deadline => {}
+            Ok(false) => {
+                let _ = ready.send(Err(format!(
+                    "another instance holds the fence lease of host {host}"
+                )));
+                return;
+            }
+            Err(e) => {
+                let _ = ready.send(Err(format!(
+                    "cannot take the fence lease of host {host}: {e}"
+                )));
+                return;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_RETRY) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    let _ = ready.send(Ok(()));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LEASE_RENEW) => {
+                match ledger.lease(&host, &holder, HOST_LEASE).await {
+                    Ok(true) => {}
+                    other => tracing::error!(host, result = ?other.map_err(|e| e.to_string()), "the fence lease was not renewed"),
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    if let Err(e) = ledger.release(&host, &holder).await {
+        tracing::warn!(host, error = %e, "cannot give the fence lease back; it runs out by itself");
+    }
+}
+
+/// A stable digest of a request's shape, naming it in the shared ledger.
+fn key_digest(key: &FenceKey) -> String {
+    let (vm, failed, target, volumes, dry_run) = key;
+    let text = format!("{vm}\n{failed}\n{target}\n{}\n{dry_run}", volumes.join(","));
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// When a recorded fence ended (its start plus its duration).
+fn ran_until(r: &FenceRecord) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(
+        &r.started_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map(|t| t + Duration::from_millis(r.reply.duration_ms))
+    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 impl Service {
@@ -119,6 +226,8 @@ impl Service {
             in_flight: Mutex::default(),
             generation: AtomicU64::new(0),
             tracker: TaskTracker::new(),
+            instance: crate::fence::driver::new_fence_id().replacen("f-", "i-", 1),
+            leases: Mutex::default(),
         })
     }
 
@@ -205,16 +314,47 @@ impl Service {
         generation: u64,
         joined: Arc<Mutex<Vec<String>>>,
     ) -> Arc<FenceRecord> {
-        let engine = self.engine.clone();
-        let r = req.clone();
-        let record = match tokio::spawn(async move { engine.fence(&r).await }).await {
-            Ok(record) => record,
-            Err(e) => {
-                // Still a recorded decision (rule 5); a deny whatever the ledger says.
-                let record = internal_error(&req, &format!("the fence task failed: {e}"));
-                self.engine.ledger.record_deny(record.clone()).await;
+        let arrived = time::OffsetDateTime::now_utc();
+        let ledger = self.engine.ledger.clone();
+        // Several instances share the ledger: one fences a host at a time, under its lease.
+        let lease = if ledger.shared() && !req.dry_run {
+            Some(self.lease(&req.failed_host).await)
+        } else {
+            None
+        };
+        let record = match lease {
+            Some(Err(why)) => {
+                let record = deny_record(&req, DenyReason::LedgerFailed, &why);
+                ledger.record_deny(record.clone()).await;
                 record
             }
+            Some(Ok(guard)) => {
+                let digest = key_digest(&key);
+                // Another instance fenced the same request while this one waited for the
+                // lease: that is the fence this request joined, and its answer.
+                let theirs = match ledger.latest_for_key(&digest).await {
+                    Ok(Some(r)) if ran_until(&r) >= arrived => Some(r),
+                    _ => None,
+                };
+                let record = match theirs {
+                    Some(r) => {
+                        if let Some(id) = &req.request_id {
+                            ledger.record_alias(id, &r.reply.fence_id).await;
+                        }
+                        r
+                    }
+                    None => {
+                        let record = self.fence_catching_panics(&req).await;
+                        if let Err(e) = ledger.record_key(&digest, &record.reply.fence_id).await {
+                            tracing::error!(error = %e, "cannot record the fence under its request shape");
+                        }
+                        record
+                    }
+                };
+                drop(guard);
+                record
+            }
+            None => self.fence_catching_panics(&req).await,
         };
         {
             let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -230,6 +370,65 @@ impl Service {
                 .await;
         }
         Arc::new(record)
+    }
+
+    async fn fence_catching_panics(&self, req: &FenceRequest) -> FenceRecord {
+        let engine = self.engine.clone();
+        let r = req.clone();
+        match tokio::spawn(async move { engine.fence(&r).await }).await {
+            Ok(record) => record,
+            Err(e) => {
+                // Still a recorded decision (rule 5); a deny whatever the ledger says.
+                let record = internal_error(req, &format!("the fence task failed: {e}"));
+                self.engine.ledger.record_deny(record.clone()).await;
+                record
+            }
+        }
+    }
+
+    /// This instance's lease on fencing `host`, shared by all its fences of that host; waits
+    /// (bounded by the fence deadline) while another instance holds it.
+    async fn lease(self: &Arc<Self>, host: &str) -> Result<LeaseGuard, String> {
+        let within = self.engine.settings.deadline;
+        let ready = {
+            let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(host.to_string()).or_insert_with(|| {
+                let (stop, stopped) = tokio::sync::watch::channel(false);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(hold_lease(
+                    self.engine.ledger.clone(),
+                    host.to_string(),
+                    self.instance.clone(),
+                    stopped,
+                    tx,
+                    within,
+                ));
+                let ready = async move {
+                    rx.await
+                        .unwrap_or_else(|_| Err("the lease task ended".to_string()))
+                }
+                .boxed()
+                .shared();
+                HostLease {
+                    holders: 0,
+                    ready,
+                    stop,
+                }
+            });
+            entry.holders += 1;
+            entry.ready.clone()
+        };
+        let guard = LeaseGuard {
+            svc: Arc::clone(self),
+            host: host.to_string(),
+        };
+        match tokio::time::timeout(within + Duration::from_secs(1), ready).await {
+            Ok(Ok(())) => Ok(guard),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!(
+                "the fence lease of host {host} was not had within {within:?}"
+            )),
+        }
     }
 
     /// Stops taking fences and waits (bounded) for those in flight to be recorded.
@@ -256,7 +455,12 @@ impl Service {
 
 /// A deny for a fence that could not run to its decision (a bug, not a Ceph or SSH answer).
 fn internal_error(req: &FenceRequest, message: &str) -> FenceRecord {
-    let d = Decision::Deny(DenyReason::InternalError);
+    deny_record(req, DenyReason::InternalError, message)
+}
+
+/// A deny recorded without running the fence.
+fn deny_record(req: &FenceRequest, reason: DenyReason, message: &str) -> FenceRecord {
+    let d = Decision::Deny(reason);
     FenceRecord {
         request_id: req.request_id.clone(),
         vm_uuid: req.vm.to_string(),

@@ -1,9 +1,9 @@
 //! The fence ledger in RADOS, against the real micro cluster and `rbdfence serve` as a real
 //! process: a decision and every `request_id` that got it (its own, or one that joined its
 //! fence) outlive a SIGKILL of the service, and another instance answers them without acting
-//! again. Named e2e_* so nextest runs them one at a time.
+//! again; two instances given the same request fence once, under the host's lease. Named e2e_* so nextest runs them one at a time.
 //!
-//! Loopback addresses used: 127.0.0.171 – 127.0.0.173.
+//! Loopback addresses used: 127.0.0.171 – 127.0.0.173 and 127.0.0.180 – 127.0.0.182.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -126,4 +126,73 @@ async fn e2e_decisions_and_request_ids_outlive_a_sigkill_of_the_service() {
     assert_eq!(status, 200, "{one}");
     let one: Value = serde_json::from_str(&one).unwrap();
     assert_eq!(one["request_id"], "r-own");
+}
+
+/// Every series of `name` summed over its labels.
+async fn metric_sum(http: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let (_, text) = get(http, format!("{base}/metrics")).await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Two instances with the same configuration (one per HA management node) get the same
+/// request at once, and a retry with another request id: one fence, decided by one instance
+/// with one SSH attempt, one answer everywhere. The instance that fenced is then SIGKILLed:
+/// the other replays every request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_two_instances_fence_the_same_request_once() {
+    let mut stack = Stack::new(180);
+    stack.ledger_namespace = Some(unique("rbdfence-test"));
+    stack.write_config("rbdfence", &common::cluster().conf.clone());
+    // The failed host hangs: the fence takes the SSH timeout, so the requests overlap.
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let img = TestImage::create("ledger-two");
+    let a = ServeProcess::start(&stack.config);
+    let b = ServeProcess::start(&stack.config);
+    let body = json!({"request_id": "r-both", "vm_uuid": new_uuid(), "failed_host": "h1",
+                      "target_host": "h2", "volumes": [img.name()]});
+    let mut retry = body.clone();
+    retry["request_id"] = json!("r-retry");
+    let late = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        post(&http, &b.base, &retry).await
+    };
+    let (ra, rb, rr) = tokio::join!(
+        post(&http, &a.base, &body),
+        post(&http, &b.base, &body),
+        late
+    );
+    let _g = BlocklistGuard::for_reply(&ra);
+    assert_eq!(ra["decision"], "approve", "{ra:#}");
+    assert_eq!(rb["fence_id"], ra["fence_id"], "{rb:#}");
+    assert_eq!(rr["fence_id"], ra["fence_id"], "{rr:#}");
+    let fences = [
+        metric_sum(&http, &a.base, "rbdfence_fence_outcomes_total").await,
+        metric_sum(&http, &b.base, "rbdfence_fence_outcomes_total").await,
+    ];
+    assert_eq!(
+        fences.iter().sum::<f64>(),
+        1.0,
+        "one fence decided: {fences:?}"
+    );
+    let sessions = [
+        metric_sum(&http, &a.base, "rbdfence_ssh_sessions_total").await,
+        metric_sum(&http, &b.base, "rbdfence_ssh_sessions_total").await,
+    ];
+    assert!(
+        sessions.iter().filter(|s| **s > 0.0).count() == 1,
+        "one instance tried SSH: {sessions:?}"
+    );
+    let (fencer, other) = if fences[0] == 1.0 { (a, b) } else { (b, a) };
+    fencer.kill9();
+    for r in [&body, &retry] {
+        let again = post(&http, &other.base, r).await;
+        assert_eq!(again["fence_id"], ra["fence_id"], "{again:#}");
+    }
 }

@@ -30,4 +30,7 @@ _Static_assert(LIBRBD_VER_MAJOR == RBDFENCE_LIBRBD_MAJOR,
 _Static_assert(LIBRBD_VER_MINOR >= RBDFENCE_LIBRBD_MINOR,
                "installed librbd.h is older than our declarations");
 
+_Static_assert(RBDFENCE_LOCK_FLAG_MAY_RENEW == LIBRADOS_LOCK_FLAG_MAY_RENEW,
+               "LIBRADOS_LOCK_FLAG_MAY_RENEW differs from ours");
+
 int main(void) { return 0; }

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/time.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,6 +105,14 @@ int rados_nobjects_list_open(rados_ioctx_t io, rados_list_ctx_t *ctx);
 int rados_nobjects_list_next(rados_list_ctx_t ctx, const char **entry, const char **key,
                              const char **nspace);
 void rados_nobjects_list_close(rados_list_ctx_t ctx);
+
+/* Advisory cls locks with a lease: one holder (name, cookie) at a time; a holder that stops
+ * renewing loses the lock when `duration` runs out. -EBUSY: another holder has it. */
+#define RBDFENCE_LOCK_FLAG_MAY_RENEW 1u
+int rados_lock_exclusive(rados_ioctx_t io, const char *oid, const char *name,
+                         const char *cookie, const char *desc, struct timeval *duration,
+                         uint8_t flags);
+int rados_unlock(rados_ioctx_t io, const char *o, const char *name, const char *cookie);
 
 /* ---- librbd ---- */
 void rbd_version(int *major, int *minor, int *extra);

@@ -32,6 +32,11 @@ const REQUEST_PREFIX: &str = "request.";
 /// `unfence.<host>:<unfence_id>`: `:` is not allowed in host ids, so the prefix of one host
 /// never matches another's.
 const UNFENCE_PREFIX: &str = "unfence.";
+/// `key.<digest>`: the latest fence of one request shape (VM, hosts, volumes).
+const KEY_PREFIX: &str = "key.";
+/// `lease.<host>`: the object whose lock one instance holds while it fences that host.
+const LEASE_PREFIX: &str = "lease.";
+const LEASE_LOCK: &str = "fence";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -170,6 +175,63 @@ impl RadosStore {
             );
         }
         Ok(out)
+    }
+
+    async fn write_key(&self, digest: &str, fence_id: &str) -> Result<(), LedgerError> {
+        self.ceph()?
+            .object_write(
+                &self.pool,
+                &self.namespace,
+                &format!("{KEY_PREFIX}{digest}"),
+                fence_id.as_bytes().to_vec(),
+            )
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn read_key(&self, digest: &str) -> Result<Option<String>, LedgerError> {
+        let data = self
+            .ceph()?
+            .object_read(
+                &self.pool,
+                &self.namespace,
+                &format!("{KEY_PREFIX}{digest}"),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(data.map(|d| String::from_utf8_lossy(&d).into_owned()))
+    }
+
+    async fn lease(
+        &self,
+        host: &str,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, LedgerError> {
+        self.ceph()?
+            .object_lock(
+                &self.pool,
+                &self.namespace,
+                &format!("{LEASE_PREFIX}{host}"),
+                LEASE_LOCK,
+                holder,
+                lease,
+            )
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn release(&self, host: &str, holder: &str) -> Result<(), LedgerError> {
+        self.ceph()?
+            .object_unlock(
+                &self.pool,
+                &self.namespace,
+                &format!("{LEASE_PREFIX}{host}"),
+                LEASE_LOCK,
+                holder,
+            )
+            .await
+            .map_err(|e| self.err(e))
     }
 
     async fn recent(&self, limit: usize) -> Result<Vec<FenceRecord>, LedgerError> {
@@ -359,6 +421,52 @@ impl Ledger {
             .filter(|u| host.is_none_or(|h| u.host == h))
             .cloned()
             .collect())
+    }
+
+    /// Whether the ledger is shared between instances (in RADOS): only then do fences take the
+    /// host's lease.
+    pub fn shared(&self) -> bool {
+        self.rados.is_some()
+    }
+
+    /// Remembers `fence_id` as the latest fence of the request shape `digest`.
+    pub async fn record_key(&self, digest: &str, fence_id: &str) -> Result<(), LedgerError> {
+        match &self.rados {
+            Some(store) => bounded(store.write_key(digest, fence_id), store).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The latest fence of the request shape `digest`, if any instance recorded one.
+    pub async fn latest_for_key(&self, digest: &str) -> Result<Option<FenceRecord>, LedgerError> {
+        let Some(store) = &self.rados else {
+            return Ok(None);
+        };
+        match bounded(store.read_key(digest), store).await? {
+            Some(id) => bounded(store.get(&id), store).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Takes or renews `holder`'s lease on fencing `host` (`Ok(false)`: another holds it).
+    pub async fn lease(
+        &self,
+        host: &str,
+        holder: &str,
+        lease: std::time::Duration,
+    ) -> Result<bool, LedgerError> {
+        match &self.rados {
+            Some(store) => bounded(store.lease(host, holder, lease), store).await,
+            None => Ok(true),
+        }
+    }
+
+    /// Gives the lease on `host` back.
+    pub async fn release(&self, host: &str, holder: &str) -> Result<(), LedgerError> {
+        match &self.rados {
+            Some(store) => bounded(store.release(host, holder), store).await,
+            None => Ok(()),
+        }
     }
 
     /// Records that `request_id` joined fence `fence_id` (it gets that answer on a replay).

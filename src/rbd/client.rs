@@ -349,6 +349,42 @@ impl Ceph {
         .await
     }
 
+    /// Takes or renews the exclusive lock `name` on `oid` for `lease`; `Ok(false)` when another
+    /// holder has it.
+    pub async fn object_lock(
+        &self,
+        pool: &str,
+        namespace: &str,
+        oid: &str,
+        name: &str,
+        cookie: &str,
+        lease: Duration,
+    ) -> Result<bool, CephError> {
+        let (pools, pool, ns) = (self.pools.clone(), pool.to_string(), namespace.to_string());
+        let (o, n, c) = (oid.to_string(), name.to_string(), cookie.to_string());
+        self.call(Op::ObjectLock, oid.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.lock_exclusive(&o, &n, &c, lease)
+        })
+        .await
+    }
+
+    /// Releases the lock `name` on `oid` if `cookie` holds it.
+    pub async fn object_unlock(
+        &self,
+        pool: &str,
+        namespace: &str,
+        oid: &str,
+        name: &str,
+        cookie: &str,
+    ) -> Result<(), CephError> {
+        let (pools, pool, ns) = (self.pools.clone(), pool.to_string(), namespace.to_string());
+        let (o, n, c) = (oid.to_string(), name.to_string(), cookie.to_string());
+        self.call(Op::ObjectLock, oid.to_string(), move |rados| {
+            ioctx_for(&pools, rados, &pool, &ns)?.unlock(&o, &n, &c)
+        })
+        .await
+    }
+
     /// Opens (or reuses) the pool's IoCtx; for callers on a blocking thread.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
         ioctx_for(&self.pools, &self.rados, pool, "")

@@ -26,6 +26,7 @@ pub enum Op {
     ObjectWrite,
     ObjectRead,
     ObjectList,
+    ObjectLock,
 }
 
 impl Op {
@@ -51,6 +52,7 @@ impl Op {
             Op::ObjectWrite => "write object",
             Op::ObjectRead => "read object",
             Op::ObjectList => "list objects",
+            Op::ObjectLock => "lock object",
         }
     }
 
@@ -76,6 +78,7 @@ impl Op {
             Op::ObjectWrite => "object_write",
             Op::ObjectRead => "object_read",
             Op::ObjectList => "object_list",
+            Op::ObjectLock => "object_lock",
         }
     }
 }
