@@ -143,6 +143,10 @@ pub struct FenceSection {
     /// The whole kill stage, every route tried.
     #[serde(default = "d15")]
     pub ssh_timeout_secs: u64,
+    /// How often the lifecycle re-checks fenced hosts: keeps unproven fences in force, lifts
+    /// a host's fences once its VMs are proven gone.
+    #[serde(default = "d30")]
+    pub lifecycle_interval_secs: u64,
     /// A local JSON-lines ledger instead of the one in RADOS (`[ledger]`): a single instance
     /// only.
     pub ledger: Option<PathBuf>,
@@ -156,6 +160,7 @@ impl Default for FenceSection {
             evidence_timeout_secs: 10,
             blocklist_timeout_secs: 10,
             ssh_timeout_secs: 15,
+            lifecycle_interval_secs: 30,
             ledger: None,
         }
     }
@@ -263,6 +268,10 @@ impl Config {
                 self.fence.blocklist_timeout_secs,
             ),
             ("fence.ssh_timeout_secs", self.fence.ssh_timeout_secs),
+            (
+                "fence.lifecycle_interval_secs",
+                self.fence.lifecycle_interval_secs,
+            ),
             ("ssh.connect_timeout_secs", self.ssh.connect_timeout_secs),
             ("ssh.command_timeout_secs", self.ssh.command_timeout_secs),
         ];

@@ -141,6 +141,9 @@ pub struct Metrics {
     scopes: Family<ScopeLabels, Counter>,
     without_volumes: Counter,
     unfences: Family<TriggerLabels, Counter>,
+    fences_in_force: Gauge,
+    fences_unproven: Gauge,
+    lifecycle_leader: Gauge,
     fence_duration: Histogram,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     ceph_calls: Family<CephCallLabels, Counter>,
@@ -167,6 +170,9 @@ impl Metrics {
         let scopes = Family::<ScopeLabels, Counter>::default();
         let without_volumes = Counter::default();
         let unfences = Family::<TriggerLabels, Counter>::default();
+        let fences_in_force = Gauge::default();
+        let fences_unproven = Gauge::default();
+        let lifecycle_leader = Gauge::default();
         let fence_duration = histogram();
         let stage_duration =
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
@@ -195,6 +201,21 @@ impl Metrics {
             "rbdfence_unfences",
             "Hosts unfenced: their fences' entries lifted, by what proved the VMs gone",
             unfences.clone(),
+        );
+        registry.register(
+            "rbdfence_fences_in_force",
+            "Approved fences whose entries are still meant to fence (not lifted, not lapsed)",
+            fences_in_force.clone(),
+        );
+        registry.register(
+            "rbdfence_fences_unproven",
+            "Fences in force whose VM was never seen gone: they rest on the blocklist alone",
+            fences_unproven.clone(),
+        );
+        registry.register(
+            "rbdfence_lifecycle_leader",
+            "1 on the instance that runs the fence lifecycle",
+            lifecycle_leader.clone(),
         );
         registry.register(
             "rbdfence_fences_without_volumes",
@@ -285,6 +306,9 @@ impl Metrics {
             scopes,
             without_volumes,
             unfences,
+            fences_in_force,
+            fences_unproven,
+            lifecycle_leader,
             fence_duration,
             stage_duration,
             ceph_calls,
@@ -380,6 +404,16 @@ impl Metrics {
     }
 
     /// Entries of a host were lifted (unfence).
+    /// What the lifecycle last saw in the ledger.
+    pub fn set_fences(&self, in_force: usize, unproven: usize) {
+        self.fences_in_force.set(in_force as i64);
+        self.fences_unproven.set(unproven as i64);
+    }
+
+    pub fn set_lifecycle_leader(&self, leader: bool) {
+        self.lifecycle_leader.set(i64::from(leader));
+    }
+
     /// One unfence, by its trigger (one of [`UNFENCE_TRIGGERS`]).
     pub fn unfenced(&self, trigger: &str) {
         if let Some(trigger) = UNFENCE_TRIGGERS.iter().find(|t| **t == trigger) {

@@ -69,6 +69,7 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     let listen = cfg.api.listen;
     let health_every = Duration::from_secs(cfg.ceph.health_interval_secs);
     let drain_within = Duration::from_secs(cfg.fence.deadline_secs + 5);
+    let lifecycle_every = Duration::from_secs(cfg.fence.lifecycle_interval_secs);
     let svc = build(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -78,7 +79,8 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
         })?;
     let listen = listener.local_addr().unwrap_or(listen);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let maintenance = tokio::spawn(svc.link.clone().maintain(health_every, stop_rx));
+    let maintenance = tokio::spawn(svc.link.clone().maintain(health_every, stop_rx.clone()));
+    let lifecycle = tokio::spawn(lifecycle(svc.clone(), lifecycle_every, stop_rx));
     tracing::info!(%listen, ceph_connected = svc.link.is_healthy(), hosts = svc.engine.inventory.len(), "rbdfence serving");
     let app = crate::api::router(svc.clone());
     axum::serve(listener, app)
@@ -94,7 +96,29 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
     }
     let _ = stop_tx.send(true);
     let _ = maintenance.await;
+    let _ = lifecycle.await;
     Ok(())
+}
+
+/// The fence lifecycle: every `every`, the instance holding the lifecycle lease (taken for
+/// three periods, at least a minute, and renewed each period) runs one round.
+async fn lifecycle(
+    svc: Arc<Service>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let lease = (every * 3).max(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let leader = svc.lifecycle_leader(lease).await;
+        svc.metrics.set_lifecycle_leader(leader);
+        if leader && let Err(e) = svc.lifecycle_tick().await {
+            tracing::warn!(error = %e, "lifecycle: cannot read the ledger");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -19,10 +19,13 @@ use crate::app::RealEngine;
 use crate::config::Config;
 use crate::fence::decision::{Decision, DenyReason};
 use crate::fence::driver::FenceRequest;
+use crate::fence::inventory::Host;
 use crate::fence::ledger::LedgerError;
 use crate::fence::link::CephLink;
-use crate::fence::record::{EvidenceReport, FenceRecord, FenceReply};
+use crate::fence::record::{EntryExpiry, EvidenceReport, FenceRecord, FenceReply, UnfenceRecord};
+use crate::fence::vm::VmUuid;
 use crate::metrics::Metrics;
+use crate::rbd::{BlocklistEntry, EntityAddr};
 
 type FenceFuture = Shared<BoxFuture<'static, Arc<FenceRecord>>>;
 
@@ -105,6 +108,9 @@ pub struct Service {
     /// The host leases this instance holds (or is waiting for), by host.
     leases: Mutex<HashMap<String, HostLease>>,
 }
+
+/// The lease object of the lifecycle (`:` is in no host id, so it names no host).
+const LIFECYCLE_LEASE: &str = ":lifecycle";
 
 /// How long a host's lease lasts without renewal: a dead instance's lease runs out this soon.
 pub const HOST_LEASE: Duration = Duration::from_secs(10);
@@ -431,6 +437,151 @@ impl Service {
         }
     }
 
+    /// Whether this instance holds (or just took) the lifecycle lease; always with a ledger
+    /// that is not shared.
+    pub async fn lifecycle_leader(&self, lease: Duration) -> bool {
+        matches!(
+            self.engine
+                .ledger
+                .lease(LIFECYCLE_LEASE, &self.instance, lease)
+                .await,
+            Ok(true)
+        )
+    }
+
+    /// One round of the fence lifecycle (CONTRACT rule 6), on the leader. For every host with
+    /// fences in force, under the host's lease:
+    /// - scan it over a verified SSH session for the qemus of its fenced VMs (killing any
+    ///   left and re-checking); when all are gone, lift exactly the entries those fences made
+    ///   and record the unfence (`auto`);
+    /// - otherwise keep its unproven fences in force: before one has less than half its expiry
+    ///   left, make the host's whole-IP entries last again (a distinct covering entry, never a
+    ///   moment uncovered) and record them with the fence. A VM fence is widened to the host
+    ///   only then, after the host stayed unreachable for half the expiry.
+    pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), LedgerError> {
+        let ledger = self.engine.ledger.clone();
+        let unfences = ledger.unfences(None).await?;
+        let in_force: Vec<FenceRecord> = ledger
+            .recent(usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|r| r.state(&unfences).in_force)
+            .collect();
+        self.metrics.set_fences(
+            in_force.len(),
+            in_force.iter().filter(|r| r.unproven()).count(),
+        );
+        let mut by_host: HashMap<String, Vec<FenceRecord>> = HashMap::new();
+        for r in in_force {
+            by_host.entry(r.failed_host.clone()).or_default().push(r);
+        }
+        for (host, records) in by_host {
+            let Some(h) = self.engine.inventory.get(&host).cloned() else {
+                continue;
+            };
+            if self.fence_in_flight_for(&host) {
+                continue;
+            }
+            let Ok(guard) = self.lease(&host).await else {
+                continue;
+            };
+            self.lifecycle_host(&h, records).await;
+            drop(guard);
+        }
+        Ok(())
+    }
+
+    async fn lifecycle_host(&self, host: &Host, records: Vec<FenceRecord>) {
+        let ledger = &self.engine.ledger;
+        let mut vms: Vec<VmUuid> = records
+            .iter()
+            .filter_map(|r| r.vm_uuid.parse().ok())
+            .collect();
+        vms.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        vms.dedup();
+        let proof = self.engine.scan(host, &vms).await;
+        if let Ok(reports) = &proof
+            && reports.len() == vms.len()
+            && reports.iter().all(|r| r.gone)
+        {
+            let ours: std::collections::BTreeSet<String> =
+                records.iter().flat_map(FenceRecord::entries).collect();
+            let lifted = match self.lift(&ours).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot lift the host's entries");
+                    return;
+                }
+            };
+            let record = UnfenceRecord {
+                unfence_id: crate::fence::driver::new_fence_id().replacen("f-", "u-", 1),
+                host: host.uuid.clone(),
+                at: crate::fence::driver::now_rfc3339(),
+                trigger: "auto".into(),
+                fences: records.iter().map(|r| r.reply.fence_id.clone()).collect(),
+                lifted: lifted.clone(),
+            };
+            if let Err(e) = ledger.record_unfence(record.clone()).await {
+                tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot record the unfence");
+                return;
+            }
+            self.metrics.entries_lifted(&lifted);
+            self.metrics.unfenced("auto");
+            tracing::info!(target: "rbdfence::audit", host = %host.uuid, unfence_id = %record.unfence_id, trigger = "auto", lifted = ?lifted, fences = ?record.fences, "host unfenced: its fenced VMs are proven gone");
+            return;
+        }
+        let expire = self.engine.settings.blocklist_expire;
+        let soon = time::OffsetDateTime::now_utc() + expire / 2;
+        let whole: Vec<BlocklistEntry> = host
+            .storage_addrs
+            .iter()
+            .map(|ip| BlocklistEntry::Addr(EntityAddr::whole_ip(*ip)))
+            .collect();
+        for mut r in records.into_iter().filter(FenceRecord::unproven) {
+            if r.lasts_until().is_some_and(|u| u > soon) {
+                continue;
+            }
+            match self.engine.renew(&host.uuid, whole.clone()).await {
+                Ok(c) => {
+                    for l in c.entries {
+                        r.renewed.push(EntryExpiry {
+                            entry: l.entry.to_string(),
+                            until: l
+                                .until
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default(),
+                        });
+                    }
+                    tracing::info!(target: "rbdfence::audit", host = %host.uuid, fence_id = %r.reply.fence_id, renewed = ?r.renewed, "fence kept in force");
+                    if let Err(e) = ledger.rewrite(r).await {
+                        tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot record a renewal");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(host = %host.uuid, fence_id = %r.reply.fence_id, error = %e, "lifecycle: cannot keep an unproven fence in force")
+                }
+            }
+        }
+    }
+
+    /// Removes the listed entries among `ours`; the ones removed.
+    async fn lift(
+        &self,
+        ours: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, crate::rbd::CephError> {
+        let ceph = self.link.ceph()?;
+        let listed = ceph.blocklist_ls().await?;
+        let mut lifted = Vec::new();
+        for item in listed.iter().filter(|i| ours.contains(&i.entry)) {
+            let Ok(entry) = item.entry.parse::<BlocklistEntry>() else {
+                continue;
+            };
+            ceph.blocklist_rm(entry).await?;
+            lifted.push(entry.to_string());
+        }
+        Ok(lifted)
+    }
+
     /// Stops taking fences and waits (bounded) for those in flight to be recorded.
     pub async fn drain(&self, within: Duration) -> bool {
         self.tracker.close();
@@ -462,6 +613,7 @@ fn internal_error(req: &FenceRequest, message: &str) -> FenceRecord {
 fn deny_record(req: &FenceRequest, reason: DenyReason, message: &str) -> FenceRecord {
     let d = Decision::Deny(reason);
     FenceRecord {
+        renewed: Vec::new(),
         request_id: req.request_id.clone(),
         vm_uuid: req.vm.to_string(),
         failed_host: req.failed_host.clone(),

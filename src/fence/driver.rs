@@ -492,6 +492,53 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         record
     }
 
+    /// Makes `entries` (of host `host`) last the configured expiry again, without a moment
+    /// uncovered: a storage batch, which replaces an entry too short to count by a distinct
+    /// covering one, or renews it under that cover (see [`storage_batch`]).
+    pub async fn renew(&self, host: &str, entries: Vec<BlocklistEntry>) -> FenceResult {
+        let deadline = Instant::now() + self.settings.deadline;
+        let mut stages = BTreeMap::new();
+        self.blocklist(
+            host.to_string(),
+            Scope::Host,
+            entries,
+            deadline,
+            &mut stages,
+        )
+        .await
+    }
+
+    /// Scans `host` for the qemus of `vms` over a verified SSH session through a sibling (or
+    /// direct), killing any left and re-checking: one report per VM, or why there is none.
+    pub async fn scan(&self, host: &Host, vms: &[VmUuid]) -> Result<Vec<KillReport>, String> {
+        let executors: Vec<Host> = self
+            .inventory
+            .kill_executors(host, None)
+            .into_iter()
+            .cloned()
+            .collect();
+        let work = async {
+            let conn =
+                connect_route(self.killer.clone(), host.clone(), executors, String::new()).await;
+            match conn.as_ref() {
+                Connection::Ready { session, .. } => {
+                    let taken = session.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let Some(session) = taken else {
+                        return Err("no SSH session".to_string());
+                    };
+                    let r = self.killer.kill(&session, vms).await;
+                    self.killer.close(session).await;
+                    r.map_err(|e| e.to_string())
+                }
+                Connection::Unreachable { detail, .. } => Err(detail.clone()),
+            }
+        };
+        match tokio::time::timeout(self.settings.ssh_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err("no verified SSH answer within the ssh timeout".into()),
+        }
+    }
+
     /// Watchers and lock owners of every volume, in parallel.
     async fn gather(
         &self,
@@ -783,6 +830,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         });
         let d = verdict.decision;
         FenceRecord {
+            renewed: Vec::new(),
             request_id: req.request_id.clone(),
             vm_uuid: req.vm.to_string(),
             failed_host: req.failed_host.clone(),

@@ -396,6 +396,21 @@ impl Ledger {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes `record` again (the lifecycle added renewed entries to it).
+    pub async fn rewrite(&self, record: FenceRecord) -> Result<(), LedgerError> {
+        if let Some(store) = &self.rados {
+            bounded(store.write(&record), store).await?;
+        }
+        let mut mem = self.lock();
+        if let Some(r) = mem
+            .iter_mut()
+            .find(|r| r.reply.fence_id == record.reply.fence_id)
+        {
+            *r = record;
+        }
+        Ok(())
+    }
+
     /// Records an unfence, before its reply is sent.
     pub async fn record_unfence(&self, u: UnfenceRecord) -> Result<(), LedgerError> {
         if let Some(store) = &self.rados {

@@ -112,6 +112,10 @@ pub struct FenceRecord {
     pub started_at: String,
     /// Milliseconds spent per stage (`evidence`, `blocklist`, `osdmap`, `ssh`).
     pub stages_ms: BTreeMap<String, u64>,
+    /// Entries the lifecycle added later to keep this fence in force (Ceph does not extend an
+    /// entry; a distinct covering one that lasts is made before the old one would lapse).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub renewed: Vec<EntryExpiry>,
     #[serde(flatten)]
     pub reply: FenceReply,
 }
@@ -169,24 +173,35 @@ impl FenceRecord {
             )
     }
 
-    /// The entries this fence made and rests on (none for a deny or a dry run).
+    /// The entries this fence made and rests on, with those the lifecycle added (none for a
+    /// deny or a dry run).
     pub fn entries(&self) -> Vec<String> {
-        match &self.reply.evidence.blocklist {
+        let mut out = match &self.reply.evidence.blocklist {
             Some(b) if self.reply.approved() && !self.dry_run => b.entries.clone(),
             _ => Vec::new(),
+        };
+        for r in &self.renewed {
+            if !out.contains(&r.entry) {
+                out.push(r.entry.clone());
+            }
         }
+        out
     }
 
-    fn lapsed(&self, now: time::OffsetDateTime) -> bool {
-        let untils: Vec<time::OffsetDateTime> = self
-            .reply
+    /// When the last of its entries lapses (`None`: none is recorded with an expiry).
+    pub fn lasts_until(&self) -> Option<time::OffsetDateTime> {
+        self.reply
             .evidence
             .blocklist
             .iter()
             .flat_map(|b| b.expires.iter())
+            .chain(self.renewed.iter())
             .filter_map(|e| rfc3339(&e.until))
-            .collect();
-        !untils.is_empty() && untils.iter().all(|u| *u <= now)
+            .max()
+    }
+
+    fn lapsed(&self, now: time::OffsetDateTime) -> bool {
+        self.lasts_until().is_some_and(|u| u <= now)
     }
 
     /// Its state, given the unfences of its host.

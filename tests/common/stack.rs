@@ -49,6 +49,10 @@ pub struct Stack {
     pub api_extra: String,
     /// The ledger in RADOS (pool `rbd`, this namespace) instead of the local file.
     pub ledger_namespace: Option<String>,
+    /// `fence.blocklist_expire_secs` (600 unless a test changes it).
+    pub expire_secs: u64,
+    /// Extra TOML for the [fence] section.
+    pub fence_extra: String,
 }
 
 impl Stack {
@@ -75,6 +79,8 @@ impl Stack {
             config: dir.path().join("rbdfence.toml"),
             api_extra: String::new(),
             ledger_namespace: None,
+            expire_secs: 600,
+            fence_extra: String::new(),
             dir,
             key,
             failed_ip,
@@ -103,9 +109,10 @@ id = "{ceph_id}"
 op_timeout_secs = 5
 connect_timeout_secs = 5
 [fence]
-blocklist_expire_secs = 600
+blocklist_expire_secs = {expire}
 deadline_secs = 40
 ssh_timeout_secs = 20
+{fence_extra}
 {ledger}
 [ssh]
 user = "root"
@@ -131,6 +138,8 @@ ssh = "{sibling_ssh}"
 "#,
             conf = ceph_conf.display(),
             api_extra = self.api_extra,
+            expire = self.expire_secs,
+            fence_extra = self.fence_extra,
             ledger = match &self.ledger_namespace {
                 Some(ns) => format!("[ledger]\npool = \"rbd\"\nnamespace = \"{ns}\""),
                 None => format!(
