@@ -21,9 +21,10 @@ use serde_json::{Value, json};
 
 use crate::config::valid_host_uuid;
 use crate::fence::driver::FenceRequest;
-use crate::fence::record::{FenceRecord, FenceView, UnfenceRecord};
+use crate::fence::record::{FenceRecord, FenceView};
+use crate::fence::unfence::{Trigger, UnfenceError, unfence_host};
 use crate::fence::vm::VmUuid;
-use crate::rbd::{BlocklistEntry, ImageSpec};
+use crate::rbd::ImageSpec;
 use crate::service::{PreInstantiateError, Service};
 
 /// Most volumes one request may name.
@@ -523,36 +524,6 @@ async fn unfence(
             ),
         ));
     }
-    let ledger = &svc.engine.ledger;
-    let unfences = ledger
-        .unfences(Some(&uuid))
-        .await
-        .map_err(ledger_unavailable)?;
-    // Every fence of the host still in force, from the shared ledger (any instance, any restart).
-    let in_force: Vec<FenceRecord> = ledger
-        .recent(usize::MAX)
-        .await
-        .map_err(ledger_unavailable)?
-        .into_iter()
-        .filter(|r| r.failed_host == uuid && r.state(&unfences).in_force)
-        .collect();
-    let unconfirmed: Vec<String> = in_force
-        .iter()
-        .filter(|r| r.unproven())
-        .map(|r| r.vm_uuid.clone())
-        .collect();
-    if !unconfirmed.is_empty() && !opts.force {
-        return Err(ApiError {
-            status: StatusCode::CONFLICT,
-            code: "vms_not_confirmed_gone",
-            message: format!(
-                "fences of {uuid} approved on the blocklist alone for VMs {unconfirmed:?}: their qemu was never seen gone; check the host, then send {{\"force\":true}}"
-            ),
-            field: Some("force".into()),
-        });
-    }
-    let ours: std::collections::BTreeSet<String> =
-        in_force.iter().flat_map(FenceRecord::entries).collect();
     let ceph = svc.link.ceph().map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -560,50 +531,36 @@ async fn unfence(
             e.to_string(),
         )
     })?;
-    let listed = ceph.blocklist_ls().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ceph_unavailable",
-            e.to_string(),
-        )
-    })?;
-    let mut lifted = Vec::new();
-    for item in listed.iter().filter(|i| ours.contains(&i.entry)) {
-        let Ok(entry) = item.entry.parse::<BlocklistEntry>() else {
-            continue;
-        };
-        ceph.blocklist_rm(entry).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "blocklist_rm_failed",
-                e.to_string(),
-            )
-        })?;
-        lifted.push(entry.to_string());
-    }
-    let trigger = if opts.force && !unconfirmed.is_empty() {
-        "forced"
-    } else {
-        "api"
-    };
-    let record = UnfenceRecord {
-        unfence_id: crate::fence::driver::new_fence_id().replacen("f-", "u-", 1),
-        host: uuid.clone(),
-        at: crate::fence::driver::now_rfc3339(),
-        trigger: trigger.into(),
-        fences: in_force.iter().map(|r| r.reply.fence_id.clone()).collect(),
-        lifted: lifted.clone(),
-    };
-    ledger
-        .record_unfence(record.clone())
+    // No fence of the host runs meanwhile, in any instance.
+    let _lease = svc
+        .host_lease(&uuid)
         .await
-        .map_err(ledger_unavailable)?;
-    svc.metrics.entries_lifted(&lifted);
-    svc.metrics.unfenced(trigger);
-    tracing::info!(target: "rbdfence::audit", host = %uuid, unfence_id = %record.unfence_id, trigger, lifted = ?lifted, fences = ?record.fences, "host unfenced");
+        .map_err(|why| ApiError::new(StatusCode::CONFLICT, "fence_in_flight", why))?;
+    let trigger = Trigger::Api { force: opts.force };
+    let record = match unfence_host(&svc.engine.ledger, &ceph, &uuid, trigger).await {
+        Ok(r) => r,
+        Err(e @ UnfenceError::Unconfirmed { .. }) => {
+            return Err(ApiError {
+                status: StatusCode::CONFLICT,
+                code: "vms_not_confirmed_gone",
+                message: e.to_string(),
+                field: Some("force".into()),
+            });
+        }
+        Err(UnfenceError::Ledger(e)) => return Err(ledger_unavailable(e)),
+        Err(UnfenceError::Ceph(e)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "blocklist_failed",
+                e.to_string(),
+            ));
+        }
+    };
+    svc.metrics.entries_lifted(&record.lifted);
+    svc.metrics.unfenced(&record.trigger);
     Ok(axum::Json(
-        json!({"host": uuid, "unfence_id": record.unfence_id, "trigger": trigger,
-                          "fences": record.fences, "lifted": lifted}),
+        json!({"host": uuid, "unfence_id": record.unfence_id, "trigger": record.trigger,
+                          "fences": record.fences, "lifted": record.lifted}),
     )
     .into_response())
 }

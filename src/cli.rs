@@ -11,6 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::fence::driver::FenceRequest;
+use crate::fence::ledger::Ledger;
+use crate::fence::record::FenceView;
+use crate::fence::unfence::{Trigger, unfence_host};
 use crate::fence::vm::VmUuid;
 
 use crate::rbd::{
@@ -75,6 +78,43 @@ pub enum Command {
     /// Run the fence engine once: may this VM start on the target host? Prints the decision
     /// (the pre-instantiate reply). Exit 0 on approve, 1 on deny, 2 on bad input.
     Fence(FenceArgs),
+    /// The fence ledger (shared by every instance): list fences, or show one with its state.
+    #[command(subcommand)]
+    Fences(FencesCommand),
+    /// Lift the entries rbdfence's fences of HOST made, once its VMs are confirmed gone (or
+    /// --force), under the host's lease, and record it. Exit 0 lifted, 1 refused or failed.
+    Unfence {
+        /// The service's TOML config (Ceph, ledger, hosts).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The host (inventory uuid).
+        #[arg(value_name = "HOST", value_parser = parse_host)]
+        host: String,
+        /// Lift although a fence of the host approved without seeing its VM gone (recorded
+        /// as forced).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FencesCommand {
+    /// The most recent fences, newest first, each with its state.
+    Ls {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One fence: its record and state, as JSON.
+    Show {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "FENCE_ID")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +209,17 @@ pub fn main() -> ExitCode {
     if let Command::Fence(args) = cli.command {
         return runtime.block_on(fence(args));
     }
+    if let Command::Fences(c) = cli.command {
+        return runtime.block_on(fences(c));
+    }
+    if let Command::Unfence {
+        config,
+        host,
+        force,
+    } = cli.command
+    {
+        return runtime.block_on(unfence(config, host, force));
+    }
     if let Command::Serve { config, .. } = &cli.command {
         let cfg = match Config::load(config) {
             Ok(c) => c,
@@ -239,6 +290,171 @@ async fn fence(args: FenceArgs) -> ExitCode {
     }
 }
 
+/// The ledger named by a service config, over a connection of its own.
+async fn open_ledger(
+    config: &std::path::Path,
+) -> Result<(Config, std::sync::Arc<crate::fence::link::CephLink>, Ledger), ExitCode> {
+    let cfg = Config::load(config).map_err(|e| {
+        eprintln!("rbdfence: {e}");
+        ExitCode::from(2)
+    })?;
+    let link = crate::fence::link::CephLink::connect(cfg.connect_options(), None, None).await;
+    let ledger = match &cfg.fence.ledger {
+        Some(path) => Ledger::open(path.clone()).map_err(|e| {
+            eprintln!("rbdfence: {e}");
+            ExitCode::from(1)
+        })?,
+        None => Ledger::in_rados(
+            link.clone(),
+            cfg.ledger.pool.clone(),
+            cfg.ledger.namespace.clone(),
+        ),
+    };
+    Ok((cfg, link, ledger))
+}
+
+async fn fences(c: FencesCommand) -> ExitCode {
+    let config = match &c {
+        FencesCommand::Ls { config, .. } | FencesCommand::Show { config, .. } => config.clone(),
+    };
+    let (_, _, ledger) = match open_ledger(&config).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let unfences = match ledger.unfences(None).await {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("rbdfence: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match c {
+        FencesCommand::Ls { limit, json, .. } => match ledger.recent(limit).await {
+            Ok(list) => {
+                let views: Vec<FenceView> = list
+                    .into_iter()
+                    .map(|r| FenceView {
+                        state: r.state(&unfences),
+                        record: r,
+                    })
+                    .collect();
+                if json {
+                    println!("{}", serde_json::to_string(&views).unwrap_or_default());
+                } else if views.is_empty() {
+                    println!("no fences");
+                } else {
+                    for v in &views {
+                        let r = &v.record;
+                        let scope = r
+                            .reply
+                            .evidence
+                            .blocklist
+                            .as_ref()
+                            .map_or("none", |b| b.scope.as_str());
+                        let state = if v.state.in_force {
+                            "in force"
+                        } else {
+                            "ended"
+                        };
+                        println!(
+                            "{}  {}  {:<7} {:<24} scope {:<4}  {:<8}  vm {} on {}",
+                            r.reply.fence_id,
+                            r.started_at,
+                            r.reply.decision,
+                            r.reply.reason,
+                            scope,
+                            state,
+                            r.vm_uuid,
+                            r.failed_host
+                        );
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rbdfence: {e}");
+                ExitCode::from(1)
+            }
+        },
+        FencesCommand::Show { id, .. } => match ledger.get(&id).await {
+            Ok(Some(r)) => {
+                let view = FenceView {
+                    state: r.state(&unfences),
+                    record: r,
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&view).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!("rbdfence: no fence {id:?} in the ledger");
+                ExitCode::from(1)
+            }
+            Err(e) => {
+                eprintln!("rbdfence: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+async fn unfence(config: PathBuf, host: String, force: bool) -> ExitCode {
+    let (cfg, link, ledger) = match open_ledger(&config).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if cfg.inventory().unwrap_or_default().get(&host).is_none() {
+        eprintln!("rbdfence: host {host} is not in the inventory");
+        return ExitCode::from(2);
+    }
+    let ceph = match link.ceph() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rbdfence: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // The host's lease: no instance fences the host meanwhile.
+    let holder = format!("cli-{}", std::process::id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(cfg.fence.deadline_secs);
+    loop {
+        match ledger
+            .lease(&host, &holder, crate::service::HOST_LEASE)
+            .await
+        {
+            Ok(true) => break,
+            Ok(false) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(false) => {
+                eprintln!("rbdfence: a fence of {host} is running; try again");
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("rbdfence: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let result = unfence_host(&ledger, &ceph, &host, Trigger::Api { force }).await;
+    let _ = ledger.release(&host, &holder).await;
+    match result {
+        Ok(r) => {
+            println!(
+                "unfenced {host} ({}, {}): lifted {:?}, fences {:?}",
+                r.unfence_id, r.trigger, r.lifted, r.fences
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rbdfence: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn init_tracing(default_level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RBDFENCE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -306,7 +522,10 @@ async fn run(cli: Cli) -> Result<(), CephError> {
             println!("un-blocklisted {entry}");
         }
         // Dispatched in `main` before a Ceph connection is made; nothing to do here.
-        Command::Fence(_) | Command::Serve { .. } => {}
+        Command::Fence(_)
+        | Command::Serve { .. }
+        | Command::Fences(_)
+        | Command::Unfence { .. } => {}
     }
     Ok(())
 }

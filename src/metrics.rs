@@ -404,6 +404,12 @@ impl Metrics {
     }
 
     /// Entries of a host were lifted (unfence).
+    /// The entries of the fences in force, as the ledger tells them (replaces what this
+    /// process tracked on its own).
+    pub fn set_managed(&self, entries: HashMap<String, Instant>) {
+        *self.managed.lock().unwrap_or_else(|p| p.into_inner()) = entries;
+    }
+
     /// What the lifecycle last saw in the ledger.
     pub fn set_fences(&self, in_force: usize, unproven: usize) {
         self.fences_in_force.set(in_force as i64);

@@ -101,22 +101,28 @@ pub async fn run(cfg: Config) -> Result<(), ServeError> {
 }
 
 /// The fence lifecycle: every `every`, the instance holding the lifecycle lease (taken for
-/// three periods, at least a minute, and renewed each period) runs one round.
+/// three periods, at least 10 s, and renewed each period; a dead leader's runs out that soon)
+/// runs one round; every instance refreshes its gauges from the ledger.
 async fn lifecycle(
     svc: Arc<Service>,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let lease = (every * 3).max(Duration::from_secs(60));
+    let lease = (every * 3).max(Duration::from_secs(10));
     loop {
+        let leader = svc.lifecycle_leader(lease).await;
+        svc.metrics.set_lifecycle_leader(leader);
+        let round = if leader {
+            svc.lifecycle_tick().await
+        } else {
+            svc.refresh_gauges().await.map(|_| ())
+        };
+        if let Err(e) = round {
+            tracing::warn!(error = %e, "lifecycle: cannot read the ledger");
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
-        }
-        let leader = svc.lifecycle_leader(lease).await;
-        svc.metrics.set_lifecycle_leader(leader);
-        if leader && let Err(e) = svc.lifecycle_tick().await {
-            tracing::warn!(error = %e, "lifecycle: cannot read the ledger");
         }
     }
 }

@@ -22,7 +22,8 @@ use crate::fence::driver::FenceRequest;
 use crate::fence::inventory::Host;
 use crate::fence::ledger::LedgerError;
 use crate::fence::link::CephLink;
-use crate::fence::record::{EntryExpiry, EvidenceReport, FenceRecord, FenceReply, UnfenceRecord};
+use crate::fence::record::{EntryExpiry, EvidenceReport, FenceRecord, FenceReply};
+use crate::fence::unfence::{Trigger, unfence_host};
 use crate::fence::vm::VmUuid;
 use crate::metrics::Metrics;
 use crate::rbd::{BlocklistEntry, EntityAddr};
@@ -392,6 +393,11 @@ impl Service {
         }
     }
 
+    /// The host's lease for work other than a fence (an unfence): the same lease fences take.
+    pub async fn host_lease(self: &Arc<Self>, host: &str) -> Result<impl Drop + use<>, String> {
+        self.lease(host).await
+    }
+
     /// This instance's lease on fencing `host`, shared by all its fences of that host; waits
     /// (bounded by the fence deadline) while another instance holds it.
     async fn lease(self: &Arc<Self>, host: &str) -> Result<LeaseGuard, String> {
@@ -459,18 +465,7 @@ impl Service {
     ///   moment uncovered) and record them with the fence. A VM fence is widened to the host
     ///   only then, after the host stayed unreachable for half the expiry.
     pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), LedgerError> {
-        let ledger = self.engine.ledger.clone();
-        let unfences = ledger.unfences(None).await?;
-        let in_force: Vec<FenceRecord> = ledger
-            .recent(usize::MAX)
-            .await?
-            .into_iter()
-            .filter(|r| r.state(&unfences).in_force)
-            .collect();
-        self.metrics.set_fences(
-            in_force.len(),
-            in_force.iter().filter(|r| r.unproven()).count(),
-        );
+        let in_force = self.refresh_gauges().await?;
         let mut by_host: HashMap<String, Vec<FenceRecord>> = HashMap::new();
         for r in in_force {
             by_host.entry(r.failed_host.clone()).or_default().push(r);
@@ -491,6 +486,48 @@ impl Service {
         Ok(())
     }
 
+    /// Reads the fences in force from the shared ledger and sets the gauges that describe
+    /// them (`rbdfence_fences_in_force`, `_fences_unproven`, `_blocklist_entries`): true on
+    /// every instance, and after a restart.
+    pub async fn refresh_gauges(&self) -> Result<Vec<FenceRecord>, LedgerError> {
+        let ledger = &self.engine.ledger;
+        let unfences = ledger.unfences(None).await?;
+        let in_force: Vec<FenceRecord> = ledger
+            .recent(usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|r| r.state(&unfences).in_force)
+            .collect();
+        self.metrics.set_fences(
+            in_force.len(),
+            in_force.iter().filter(|r| r.unproven()).count(),
+        );
+        let now = time::OffsetDateTime::now_utc();
+        let mut entries = HashMap::new();
+        for r in &in_force {
+            let expiries = r
+                .reply
+                .evidence
+                .blocklist
+                .iter()
+                .flat_map(|b| b.expires.iter())
+                .chain(r.renewed.iter());
+            for e in expiries {
+                let Ok(until) = time::OffsetDateTime::parse(
+                    &e.until,
+                    &time::format_description::well_known::Rfc3339,
+                ) else {
+                    continue;
+                };
+                if let Ok(left) = Duration::try_from(until - now) {
+                    entries.insert(e.entry.clone(), std::time::Instant::now() + left);
+                }
+            }
+        }
+        self.metrics.set_managed(entries);
+        Ok(in_force)
+    }
+
     async fn lifecycle_host(&self, host: &Host, records: Vec<FenceRecord>) {
         let ledger = &self.engine.ledger;
         let mut vms: Vec<VmUuid> = records
@@ -504,30 +541,22 @@ impl Service {
             && reports.len() == vms.len()
             && reports.iter().all(|r| r.gone)
         {
-            let ours: std::collections::BTreeSet<String> =
-                records.iter().flat_map(FenceRecord::entries).collect();
-            let lifted = match self.lift(&ours).await {
-                Ok(l) => l,
+            let ceph = match self.link.ceph() {
+                Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot lift the host's entries");
+                    tracing::error!(host = %host.uuid, error = %e, "lifecycle: no Ceph connection to lift the host's entries");
                     return;
                 }
             };
-            let record = UnfenceRecord {
-                unfence_id: crate::fence::driver::new_fence_id().replacen("f-", "u-", 1),
-                host: host.uuid.clone(),
-                at: crate::fence::driver::now_rfc3339(),
-                trigger: "auto".into(),
-                fences: records.iter().map(|r| r.reply.fence_id.clone()).collect(),
-                lifted: lifted.clone(),
-            };
-            if let Err(e) = ledger.record_unfence(record.clone()).await {
-                tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot record the unfence");
-                return;
+            match unfence_host(ledger, &ceph, &host.uuid, Trigger::Auto).await {
+                Ok(record) => {
+                    self.metrics.entries_lifted(&record.lifted);
+                    self.metrics.unfenced("auto");
+                }
+                Err(e) => {
+                    tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot unfence the host")
+                }
             }
-            self.metrics.entries_lifted(&lifted);
-            self.metrics.unfenced("auto");
-            tracing::info!(target: "rbdfence::audit", host = %host.uuid, unfence_id = %record.unfence_id, trigger = "auto", lifted = ?lifted, fences = ?record.fences, "host unfenced: its fenced VMs are proven gone");
             return;
         }
         let expire = self.engine.settings.blocklist_expire;
@@ -562,24 +591,6 @@ impl Service {
                 }
             }
         }
-    }
-
-    /// Removes the listed entries among `ours`; the ones removed.
-    async fn lift(
-        &self,
-        ours: &std::collections::BTreeSet<String>,
-    ) -> Result<Vec<String>, crate::rbd::CephError> {
-        let ceph = self.link.ceph()?;
-        let listed = ceph.blocklist_ls().await?;
-        let mut lifted = Vec::new();
-        for item in listed.iter().filter(|i| ours.contains(&i.entry)) {
-            let Ok(entry) = item.entry.parse::<BlocklistEntry>() else {
-                continue;
-            };
-            ceph.blocklist_rm(entry).await?;
-            lifted.push(entry.to_string());
-        }
-        Ok(lifted)
     }
 
     /// Stops taking fences and waits (bounded) for those in flight to be recorded.

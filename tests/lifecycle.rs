@@ -103,6 +103,44 @@ async fn e2e_an_unproven_fence_outlives_its_expiry_and_is_lifted_once_the_host_p
     assert_eq!(view["state"]["in_force"], true, "{view:#}");
     assert!(!view["renewed"].as_array().unwrap().is_empty(), "{view:#}");
 
+    // The service dies (SIGKILL) and another takes over: the gauges come from the ledger.
+    svc.kill9();
+    let svc = ServeProcess::start(&stack.config);
+    // (The dead instance's lifecycle lease runs out within 10 s.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = http
+            .get(format!("{}/metrics", svc.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                })
+                .unwrap_or(0.0)
+        };
+        let seen = (
+            value("rbdfence_fences_unproven "),
+            value("rbdfence_fences_in_force "),
+            value("rbdfence_lifecycle_leader "),
+            value("rbdfence_blocklist_entries ") >= 1.0,
+        );
+        if seen == (1.0, 1.0, 1.0, true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gauges after a restart: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
     // The host answers again: the leftover qemu is killed, the entries lifted, it is recorded.
     sshd.thaw();
     let deadline = Instant::now() + Duration::from_secs(45);

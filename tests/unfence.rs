@@ -3,7 +3,7 @@
 //! is recorded with the fences it lifted. Real cluster, real sshd, the service in-process.
 //! Named e2e_* so nextest runs them one at a time.
 //!
-//! Loopback addresses used: 127.0.0.174 – 127.0.0.179.
+//! Loopback addresses used: 127.0.0.174 – 127.0.0.179 and 127.0.0.186 – 127.0.0.188.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -169,4 +169,56 @@ async fn e2e_unfence_refuses_while_a_fence_of_the_host_is_in_flight() {
         listed("127.0.0.177:0/0").await,
         "the approval's entry is in force"
     );
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbdfence"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The operator's CLI on the shared ledger: `fences ls`, `fences show ID`, and `unfence HOST`
+/// (refused while the VM was never seen gone, then forced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_the_cli_lists_shows_and_unfences_from_the_ledger() {
+    let stack = rados_stack(186);
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let img = TestImage::create("unfence-cli");
+    let svc = Running::start(&stack).await;
+    let body = json!({"vm_uuid": new_uuid(), "failed_host": "h1", "target_host": "h2",
+                      "volumes": [img.name()]});
+    let (_, reply) = svc.post("/v1/pre-instantiate", &body).await;
+    let _g = BlocklistGuard::for_reply(&reply);
+    let id = reply["fence_id"].as_str().unwrap();
+    let config = stack.config.to_str().unwrap();
+
+    let (code, out, err) = cli(&["fences", "ls", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(id) && out.contains("in force"), "{out}");
+    let (code, out, err) = cli(&["fences", "show", "--config", config, id]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["state"]["in_force"], true, "{shown:#}");
+
+    let (code, _, err) = cli(&["unfence", "--config", config, "h1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("never seen gone"), "{err}");
+    assert!(listed("127.0.0.186:0/0").await);
+    let (code, out, err) = cli(&["unfence", "--config", config, "h1", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("forced") && out.contains("127.0.0.186:0/0"),
+        "{out}"
+    );
+    assert!(!listed("127.0.0.186:0/0").await);
+    let (_, out, _) = cli(&["fences", "show", "--config", config, id]);
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["state"]["in_force"], false, "{shown:#}");
+    assert_eq!(shown["state"]["trigger"], "forced", "{shown:#}");
 }
