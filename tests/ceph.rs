@@ -485,3 +485,30 @@ async fn ledger_objects_round_trip_and_exclusive_create_has_one_winner() {
             .is_empty()
     );
 }
+
+/// Least privilege: the user every service test runs as (`client.rbdfence`, made by
+/// scripts/ceph-micro.sh) has exactly the caps the README documents — so fencing, the ledger,
+/// the leases, unfence and the lifecycle are all proven with those caps and no more.
+#[tokio::test]
+async fn the_service_user_has_exactly_the_caps_the_readme_documents() {
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    let at = readme
+        .find("ceph auth get-or-create client.rbdfence")
+        .expect("the README documents the service's cephx user");
+    let line = readme[at..].lines().nth(1).unwrap().trim();
+    let caps: Vec<&str> = line.split('\'').collect();
+    assert_eq!(caps.len(), 5, "mon '…' osd '…' expected: {line}");
+    assert_eq!((caps[0].trim(), caps[2].trim()), ("mon", "osd"), "{line}");
+    let out = common::ceph_cli(
+        "ceph",
+        &["auth", "get", "client.rbdfence", "--format", "json"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let have = &v[0]["caps"];
+    assert_eq!(have["mon"], caps[1], "{v}");
+    assert_eq!(have["osd"], caps[3], "{v}");
+    assert!(
+        have.get("mgr").is_none() && have.get("mds").is_none(),
+        "{v}"
+    );
+}

@@ -3,7 +3,8 @@
 //! fence) outlive a SIGKILL of the service, and another instance answers them without acting
 //! again; two instances given the same request fence once, under the host's lease. Named e2e_* so nextest runs them one at a time.
 //!
-//! Loopback addresses used: 127.0.0.171 – 127.0.0.173 and 127.0.0.180 – 127.0.0.182.
+//! Loopback addresses used: 127.0.0.171 – 127.0.0.173, 127.0.0.180 – 127.0.0.182 and
+//! 127.0.0.189 – 127.0.0.191.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -195,4 +196,85 @@ async fn e2e_two_instances_fence_the_same_request_once() {
         let again = post(&http, &other.base, r).await;
         assert_eq!(again["fence_id"], ra["fence_id"], "{again:#}");
     }
+}
+
+/// The service is SIGKILLed in the middle of a fence: the VM's client is already blocklisted,
+/// the SSH step still waits on the hung host, nothing is recorded or answered. Restarted, the
+/// same request id gets one decision — the fence runs again on what is there (the entry that
+/// lasts) — and that decision is the only one ever recorded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_sigkill_mid_fence_never_leaves_two_decisions() {
+    let mut stack = Stack::new(189);
+    stack.ledger_namespace = Some(unique("rbdfence-test"));
+    stack.write_config("rbdfence", &common::cluster().conf.clone());
+    stack.failed_sshd.as_ref().unwrap().freeze();
+    let img = TestImage::create("ledger-midfence");
+    let uuid = new_uuid();
+    let vm = common::vm::Vm::start(&img, "127.0.0.189", &uuid);
+    vm.write(0, 0xab);
+    let owner = common::admin()
+        .await
+        .image_status(&img.spec)
+        .await
+        .unwrap()
+        .lock_owners[0]
+        .address
+        .clone();
+    let _guard = BlocklistGuard {
+        entries: vec![owner.clone()],
+    };
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let body = json!({"request_id": "r-mid", "vm_uuid": uuid, "failed_host": "h1",
+                      "target_host": "h2", "volumes": [img.name()]});
+    let first = ServeProcess::start(&stack.config);
+    let pending = {
+        let (http, base, body) = (http.clone(), first.base.clone(), body.clone());
+        tokio::spawn(async move {
+            http.post(format!("{base}/v1/pre-instantiate"))
+                .json(&body)
+                .send()
+                .await
+        })
+    };
+    // Wait until the VM fence is in the osdmap (the fence now waits on SSH), then kill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !common::admin()
+        .await
+        .blocklist_ls()
+        .await
+        .unwrap()
+        .iter()
+        .any(|i| i.entry == owner)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM fence never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill9();
+    assert!(pending.await.unwrap().is_err(), "the caller got no answer");
+
+    let second = ServeProcess::start(&stack.config);
+    let answer = post(&http, &second.base, &body).await;
+    assert_eq!(answer["decision"], "approve", "{answer:#}");
+    assert_eq!(answer["evidence"]["blocklist"]["scope"], "vm", "{answer:#}");
+    let again = post(&http, &second.base, &body).await;
+    assert_eq!(again["fence_id"], answer["fence_id"]);
+    let (_, list) = get(&http, format!("{}/v1/fences", second.base)).await;
+    let list: Value = serde_json::from_str(&list).unwrap();
+    let decisions: Vec<&Value> = list["fences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["vm_uuid"] == uuid.as_str())
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        1,
+        "one decision for the request: {decisions:#?}"
+    );
 }
