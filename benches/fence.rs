@@ -129,6 +129,7 @@ fn main() {
         None,
         None,
     ));
+    let rados_ledger = Ledger::in_rados(link.clone(), "rbd".into(), common::unique("bench-ledger"));
     assert!(
         link.is_healthy(),
         "cannot connect to the test cluster as client.rbdfence"
@@ -187,13 +188,26 @@ fn main() {
         Duration::from_secs(40),
     ));
     let mut host_scope = Samples::default();
+    let mut host_last = None;
     for i in 0..N {
         let uuid = format!("00000000-0000-4000-8000-{:012x}", 0xbf00 + i);
         let record = rt.block_on(engine.fence(&request(&uuid, "h4", &idle)));
         host_scope.add(&record, "success-ssh-unreachable", "host");
+        host_last = Some(record.clone());
         for e in record.reply.evidence.blocklist.unwrap().entries {
             ceph_cli(&["osd", "blocklist", "rm", &e]);
         }
+    }
+    // What the ledger in RADOS adds to a fence: recording one decision (the record object and
+    // its request_id object), against the in-memory ledger the runs above used.
+    let mut sample = host_last.expect("a host-scope record");
+    let mut ledger_ms = Vec::new();
+    for i in 0..N {
+        sample.reply.fence_id = format!("f-bench-{i}");
+        sample.request_id = Some(format!("r-bench-{i}"));
+        let t = Instant::now();
+        rt.block_on(rados_ledger.record(sample.clone())).unwrap();
+        ledger_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // Side by side: the storage fence through the CLI, a process per call.
     let mut cli = Vec::new();
@@ -208,6 +222,12 @@ fn main() {
         .print("scope vm: the VM's client fenced, then killed through sibling h3 (success-killed)");
     host_scope.print(
         "scope host: no client named, SSH refused, the whole host fenced (success-ssh-unreachable)",
+    );
+    println!(
+        "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms",
+        "ledger in RADOS: record one decision",
+        pct(ledger_ms.clone(), 0.5),
+        pct(ledger_ms, 0.99)
     );
     println!(
         "{:<40} p50 {:>8.1} ms   p99 {:>8.1} ms",
