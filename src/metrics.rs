@@ -143,6 +143,7 @@ pub struct Metrics {
     unfences: Family<TriggerLabels, Counter>,
     fences_in_force: Gauge,
     fences_unproven: Gauge,
+    unproven_expiry: Gauge,
     lifecycle_leader: Gauge,
     fence_duration: Histogram,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
@@ -172,6 +173,7 @@ impl Metrics {
         let unfences = Family::<TriggerLabels, Counter>::default();
         let fences_in_force = Gauge::default();
         let fences_unproven = Gauge::default();
+        let unproven_expiry = Gauge::default();
         let lifecycle_leader = Gauge::default();
         let fence_duration = histogram();
         let stage_duration =
@@ -211,6 +213,11 @@ impl Metrics {
             "rbdfence_fences_unproven",
             "Fences in force whose VM was never seen gone: they rest on the blocklist alone",
             fences_unproven.clone(),
+        );
+        registry.register(
+            "rbdfence_unproven_fence_expiry_seconds",
+            "Seconds until the first unproven fence in force would lapse (0 when there is none)",
+            unproven_expiry.clone(),
         );
         registry.register(
             "rbdfence_lifecycle_leader",
@@ -308,6 +315,7 @@ impl Metrics {
             unfences,
             fences_in_force,
             fences_unproven,
+            unproven_expiry,
             lifecycle_leader,
             fence_duration,
             stage_duration,
@@ -411,9 +419,11 @@ impl Metrics {
     }
 
     /// What the lifecycle last saw in the ledger.
-    pub fn set_fences(&self, in_force: usize, unproven: usize) {
+    pub fn set_fences(&self, in_force: usize, unproven: usize, first_lapse_secs: Option<i64>) {
         self.fences_in_force.set(in_force as i64);
         self.fences_unproven.set(unproven as i64);
+        self.unproven_expiry
+            .set(first_lapse_secs.unwrap_or(0).max(0));
     }
 
     pub fn set_lifecycle_leader(&self, leader: bool) {

@@ -498,11 +498,18 @@ impl Service {
             .into_iter()
             .filter(|r| r.state(&unfences).in_force)
             .collect();
+        let now = time::OffsetDateTime::now_utc();
+        let first_lapse = in_force
+            .iter()
+            .filter(|r| r.unproven())
+            .filter_map(FenceRecord::lasts_until)
+            .min()
+            .map(|u| (u - now).whole_seconds());
         self.metrics.set_fences(
             in_force.len(),
             in_force.iter().filter(|r| r.unproven()).count(),
+            first_lapse,
         );
-        let now = time::OffsetDateTime::now_utc();
         let mut entries = HashMap::new();
         for r in &in_force {
             let expiries = r
