@@ -11,60 +11,10 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::running::Running;
 use common::stack::{Stack, new_uuid};
 use common::{BlocklistGuard, TestImage, admin, unique};
-use rbdfence::config::Config;
-use rbdfence::service::Service;
 use serde_json::{Value, json};
-
-struct Running {
-    base: String,
-    _svc: Arc<Service>,
-    http: reqwest::Client,
-}
-
-impl Running {
-    async fn start(stack: &Stack) -> Running {
-        let cfg = Config::load(&stack.config).unwrap();
-        let svc = rbdfence::serve::build(cfg).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = rbdfence::api::router(svc.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Running {
-            base: format!("http://{addr}"),
-            _svc: svc,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.json().await.unwrap_or(Value::Null),
-        )
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        resp.json().await.unwrap()
-    }
-}
 
 async fn listed(entry: &str) -> bool {
     admin()
@@ -128,12 +78,13 @@ async fn e2e_unfence_after_a_restart_refuses_then_lifts_only_its_own_entries() {
         "an entry rbdfence did not make is never lifted"
     );
     drop(foreign);
-    let fence = second
+    let (_, fence) = second
         .get(&format!(
             "/v1/fences/{}",
             reply["fence_id"].as_str().unwrap()
         ))
         .await;
+    let fence: Value = serde_json::from_str(&fence).unwrap();
     assert_eq!(fence["state"]["in_force"], false, "{fence:#}");
     assert_eq!(fence["state"]["trigger"], "forced", "{fence:#}");
     assert_eq!(

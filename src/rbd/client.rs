@@ -271,6 +271,26 @@ impl Ceph {
         &self.rados
     }
 
+    /// Runs `f` on the IoCtx of `pool`/`namespace` on the blocking pool, bounded.
+    async fn on_ioctx<T, F>(
+        &self,
+        op: Op,
+        target: &str,
+        pool: &str,
+        namespace: &str,
+        f: F,
+    ) -> Result<T, CephError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&IoCtx) -> Result<T, CephError> + Send + 'static,
+    {
+        let (pools, pool, ns) = (self.pools.clone(), pool.to_string(), namespace.to_string());
+        self.call(op, target.to_string(), move |rados| {
+            f(ioctx_for(&pools, rados, &pool, &ns)?.as_ref())
+        })
+        .await
+    }
+
     /// Replaces object `oid` of `pool`/`namespace` with `data`.
     pub async fn object_write(
         &self,
@@ -279,14 +299,9 @@ impl Ceph {
         oid: &str,
         data: Vec<u8>,
     ) -> Result<(), CephError> {
-        let (pools, pool, ns, o) = (
-            self.pools.clone(),
-            pool.to_string(),
-            namespace.to_string(),
-            oid.to_string(),
-        );
-        self.call(Op::ObjectWrite, oid.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.write_full(&o, &data)
+        let o = oid.to_string();
+        self.on_ioctx(Op::ObjectWrite, oid, pool, namespace, move |io| {
+            io.write_full(&o, &data)
         })
         .await
     }
@@ -299,14 +314,9 @@ impl Ceph {
         oid: &str,
         data: Vec<u8>,
     ) -> Result<bool, CephError> {
-        let (pools, pool, ns, o) = (
-            self.pools.clone(),
-            pool.to_string(),
-            namespace.to_string(),
-            oid.to_string(),
-        );
-        self.call(Op::ObjectWrite, oid.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.create_exclusive(&o, &data)
+        let o = oid.to_string();
+        self.on_ioctx(Op::ObjectWrite, oid, pool, namespace, move |io| {
+            io.create_exclusive(&o, &data)
         })
         .await
     }
@@ -318,14 +328,9 @@ impl Ceph {
         namespace: &str,
         oid: &str,
     ) -> Result<Option<Vec<u8>>, CephError> {
-        let (pools, pool, ns, o) = (
-            self.pools.clone(),
-            pool.to_string(),
-            namespace.to_string(),
-            oid.to_string(),
-        );
-        self.call(Op::ObjectRead, oid.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.read_full(&o)
+        let o = oid.to_string();
+        self.on_ioctx(Op::ObjectRead, oid, pool, namespace, move |io| {
+            io.read_full(&o)
         })
         .await
     }
@@ -337,14 +342,9 @@ impl Ceph {
         namespace: &str,
         prefix: &str,
     ) -> Result<Vec<String>, CephError> {
-        let (pools, pool, ns, p) = (
-            self.pools.clone(),
-            pool.to_string(),
-            namespace.to_string(),
-            prefix.to_string(),
-        );
-        self.call(Op::ObjectList, prefix.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.list(&p)
+        let p = prefix.to_string();
+        self.on_ioctx(Op::ObjectList, prefix, pool, namespace, move |io| {
+            io.list(&p)
         })
         .await
     }
@@ -360,10 +360,9 @@ impl Ceph {
         cookie: &str,
         lease: Duration,
     ) -> Result<bool, CephError> {
-        let (pools, pool, ns) = (self.pools.clone(), pool.to_string(), namespace.to_string());
         let (o, n, c) = (oid.to_string(), name.to_string(), cookie.to_string());
-        self.call(Op::ObjectLock, oid.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.lock_exclusive(&o, &n, &c, lease)
+        self.on_ioctx(Op::ObjectLock, oid, pool, namespace, move |io| {
+            io.lock_exclusive(&o, &n, &c, lease)
         })
         .await
     }
@@ -377,10 +376,9 @@ impl Ceph {
         name: &str,
         cookie: &str,
     ) -> Result<(), CephError> {
-        let (pools, pool, ns) = (self.pools.clone(), pool.to_string(), namespace.to_string());
         let (o, n, c) = (oid.to_string(), name.to_string(), cookie.to_string());
-        self.call(Op::ObjectLock, oid.to_string(), move |rados| {
-            ioctx_for(&pools, rados, &pool, &ns)?.unlock(&o, &n, &c)
+        self.on_ioctx(Op::ObjectLock, oid, pool, namespace, move |io| {
+            io.unlock(&o, &n, &c)
         })
         .await
     }

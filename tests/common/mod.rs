@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rbdfence::rbd::{Ceph, ConnectOptions, ImageSpec, Timeouts};
 
+pub mod running;
 pub mod sshd;
 pub mod stack;
 pub mod vm;
