@@ -515,7 +515,8 @@ async fn unfence(
             format!("host {uuid} is not in the inventory"),
         ));
     }
-    if svc.fence_in_flight_for(&uuid) {
+    // No fence of the host runs in this instance meanwhile (nor, by the lease below, in any).
+    let Some(_lifting) = svc.lift_lock(&uuid) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "fence_in_flight",
@@ -523,7 +524,7 @@ async fn unfence(
                 "a fence of {uuid} is running; its approval would rest on entries lifted under it"
             ),
         ));
-    }
+    };
     let ceph = svc.link.ceph().map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

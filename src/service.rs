@@ -108,6 +108,10 @@ pub struct Service {
     instance: String,
     /// The host leases this instance holds (or is waiting for), by host.
     leases: Mutex<HashMap<String, HostLease>>,
+    /// Within this instance, per host: fences read, an unfence or the lifecycle writes. The
+    /// lease is shared by an instance's fences of a host, so without this an unfence could
+    /// lift an entry that a fence of the same host has just confirmed and is about to approve on.
+    host_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
 }
 
 /// The lease object of the lifecycle (`:` is in no host id, so it names no host).
@@ -235,6 +239,7 @@ impl Service {
             tracker: TaskTracker::new(),
             instance: crate::fence::driver::new_fence_id().replacen("f-", "i-", 1),
             leases: Mutex::default(),
+            host_locks: Mutex::default(),
         })
     }
 
@@ -323,6 +328,7 @@ impl Service {
     ) -> Arc<FenceRecord> {
         let arrived = time::OffsetDateTime::now_utc();
         let ledger = self.engine.ledger.clone();
+        let _fencing = self.host_lock(&req.failed_host).read_owned().await;
         // Several instances share the ledger: one fences a host at a time, under its lease.
         let lease = if ledger.shared() && !req.dry_run {
             Some(self.lease(&req.failed_host).await)
@@ -474,9 +480,9 @@ impl Service {
             let Some(h) = self.engine.inventory.get(&host).cloned() else {
                 continue;
             };
-            if self.fence_in_flight_for(&host) {
+            let Some(_lifting) = self.lift_lock(&host) else {
                 continue;
-            }
+            };
             let Ok(guard) = self.lease(&host).await else {
                 continue;
             };
@@ -537,17 +543,22 @@ impl Service {
 
     async fn lifecycle_host(&self, host: &Host, records: Vec<FenceRecord>) {
         let ledger = &self.engine.ledger;
+        // Only the VMs never seen gone need the proof; the others were proven gone when they
+        // were fenced (and a scan would kill a qemu of theirs started since, not ours to kill).
         let mut vms: Vec<VmUuid> = records
             .iter()
+            .filter(|r| r.unproven())
             .filter_map(|r| r.vm_uuid.parse().ok())
             .collect();
         vms.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         vms.dedup();
-        let proof = self.engine.scan(host, &vms).await;
-        if let Ok(reports) = &proof
-            && reports.len() == vms.len()
-            && reports.iter().all(|r| r.gone)
-        {
+        let proven = if vms.is_empty() {
+            true
+        } else {
+            matches!(self.engine.scan(host, &vms).await,
+                Ok(reports) if reports.len() == vms.len() && reports.iter().all(|r| r.gone))
+        };
+        if proven {
             let ceph = match self.link.ceph() {
                 Ok(c) => c,
                 Err(e) => {
@@ -608,13 +619,19 @@ impl Service {
             .is_ok()
     }
 
-    /// Whether a fence of `host` (as the failed host) is running in this instance.
-    pub fn fence_in_flight_for(&self, host: &str) -> bool {
-        self.in_flight
+    fn host_lock(&self, host: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.host_locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|(key, f)| key.1 == host && f.fut.peek().is_none())
+            .entry(host.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Exclusive use of `host` within this instance (no fence of it runs meanwhile), or `None`
+    /// when a fence of it is running.
+    pub fn lift_lock(&self, host: &str) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        self.host_lock(host).try_write_owned().ok()
     }
 
     pub fn in_flight(&self) -> usize {
