@@ -210,16 +210,6 @@ fn key_digest(key: &FenceKey) -> String {
         .collect()
 }
 
-/// When a recorded fence ended (its start plus its duration).
-fn ran_until(r: &FenceRecord) -> time::OffsetDateTime {
-    time::OffsetDateTime::parse(
-        &r.started_at,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .map(|t| t + Duration::from_millis(r.reply.duration_ms))
-    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-}
-
 impl Service {
     pub fn new(
         engine: RealEngine,
@@ -326,14 +316,18 @@ impl Service {
         generation: u64,
         joined: Arc<Mutex<Vec<String>>>,
     ) -> Arc<FenceRecord> {
-        let arrived = time::OffsetDateTime::now_utc();
         let ledger = self.engine.ledger.clone();
         let _fencing = self.host_lock(&req.failed_host).read_owned().await;
+        let digest = key_digest(&key);
         // Several instances share the ledger: one fences a host at a time, under its lease.
-        let lease = if ledger.shared() && !req.dry_run {
-            Some(self.lease(&req.failed_host).await)
+        // The request shape's latest fence before waiting for the lease: a different one after
+        // it was recorded while this request waited (it ran then), so it is this request's
+        // answer. No clocks are compared; a read that fails never lets the request join.
+        let (lease, before) = if ledger.shared() && !req.dry_run {
+            let before = ledger.key_fence(&digest).await.ok();
+            (Some(self.lease(&req.failed_host).await), before)
         } else {
-            None
+            (None, None)
         };
         let record = match lease {
             Some(Err(why)) => {
@@ -342,11 +336,12 @@ impl Service {
                 record
             }
             Some(Ok(guard)) => {
-                let digest = key_digest(&key);
-                // Another instance fenced the same request while this one waited for the
-                // lease: that is the fence this request joined, and its answer.
-                let theirs = match ledger.latest_for_key(&digest).await {
-                    Ok(Some(r)) if ran_until(&r) >= arrived => Some(r),
+                let theirs = match (before, ledger.key_fence(&digest).await) {
+                    (Some(before), Ok(Some(after)))
+                        if before.as_deref() != Some(after.as_str()) =>
+                    {
+                        ledger.get(&after).await.ok().flatten()
+                    }
                     _ => None,
                 };
                 let record = match theirs {

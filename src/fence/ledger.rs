@@ -452,13 +452,10 @@ impl Ledger {
         }
     }
 
-    /// The latest fence of the request shape `digest`, if any instance recorded one.
-    pub async fn latest_for_key(&self, digest: &str) -> Result<Option<FenceRecord>, LedgerError> {
-        let Some(store) = &self.rados else {
-            return Ok(None);
-        };
-        match bounded(store.read_key(digest), store).await? {
-            Some(id) => bounded(store.get(&id), store).await,
+    /// The id of the latest fence of the request shape `digest`, if any instance recorded one.
+    pub async fn key_fence(&self, digest: &str) -> Result<Option<String>, LedgerError> {
+        match &self.rados {
+            Some(store) => bounded(store.read_key(digest), store).await,
             None => Ok(None),
         }
     }
