@@ -1,6 +1,7 @@
-//! Generates the raw librados/librbd bindings from OUR declarations in `vendor-headers/`
-//! (never from the system headers), with an explicit allowlist, and links `-lrados -lrbd`
-//! (Debian ships no pkg-config files for them).
+//! Generates the raw librados bindings from OUR declarations in `vendor-headers/` (never from
+//! the system headers), with an explicit allowlist; compiles our one C++ shim
+//! (`native/read_header.cc`, against `<rados/librados.hpp>`); links `-lrados` (Debian ships
+//! no pkg-config file for it).
 
 use std::env;
 use std::path::PathBuf;
@@ -21,7 +22,6 @@ const FUNCTIONS: &[&str] = &[
     "rados_ioctx_create",
     "rados_ioctx_destroy",
     "rados_ioctx_set_namespace",
-    "rados_list_lockers",
     "rados_write_full",
     "rados_read",
     "rados_stat",
@@ -35,13 +35,7 @@ const FUNCTIONS: &[&str] = &[
     "rados_nobjects_list_close",
     "rados_lock_exclusive",
     "rados_unlock",
-    "rbd_version",
-    "rbd_open_read_only",
-    "rbd_close",
-    "rbd_get_id",
-    "rbd_watchers_list",
-    "rbd_watchers_list_cleanup",
-    "rbd_list_lockers",
+    "rbdfence_read_header",
 ];
 
 const TYPES: &[&str] = &[
@@ -49,24 +43,33 @@ const TYPES: &[&str] = &[
     "rados_ioctx_t",
     "rados_write_op_t",
     "rados_list_ctx_t",
-    "rbd_image_t",
-    "rbd_image_watcher_t",
+    "rbdfence_watcher",
+    "rbdfence_locker",
 ];
 
 const VARS: &[&str] = &[
     "RBDFENCE_LIBRADOS_MAJOR",
     "RBDFENCE_LIBRADOS_MINOR",
-    "RBDFENCE_LIBRBD_MAJOR",
-    "RBDFENCE_LIBRBD_MINOR",
     "RBDFENCE_LOCK_FLAG_MAY_RENEW",
 ];
 
 fn main() {
     let header = "vendor-headers/rbdfence_ceph.h";
+    let shim = "native/read_header.cc";
     println!("cargo:rerun-if-changed={header}");
+    println!("cargo:rerun-if-changed={shim}");
     println!("cargo:rerun-if-changed=build.rs");
+    // The shim first: it needs librados' C++ symbols, so -lrados must follow it.
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file(shim)
+        .include("vendor-headers")
+        .warnings(true)
+        .extra_warnings(true)
+        .warnings_into_errors(true)
+        .compile("rbdfence_shim");
     println!("cargo:rustc-link-lib=dylib=rados");
-    println!("cargo:rustc-link-lib=dylib=rbd");
 
     let mut builder = bindgen::Builder::default()
         .header(header)

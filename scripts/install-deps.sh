@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs every Debian package rbdfence needs to build and test on a fresh Debian 12 machine:
-# Ceph daemons and CLIs (the micro test cluster), librados/librbd headers, libclang (bindgen),
+# Ceph daemons and CLIs (the micro test cluster), librados C and C++ headers, libclang (bindgen),
 # openssh-server (the test "hosts"), iproute2 (network namespaces), qemu with the rbd driver
 # from bookworm-backports (bookworm's own 7.2 would replace the machine's 10.x qemu-utils),
 # prometheus (promtool + a scraping server for the metrics tests), and busybox (its awk, which
@@ -36,7 +36,7 @@ fi
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd \
-  librados-dev librbd-dev libclang-dev clang \
+  librados-dev libradospp-dev libclang-dev clang g++ \
   openssh-server openssh-client iproute2 procps jq curl busybox \
   prometheus >/dev/null
 apt-get install -y -qq --no-install-recommends -t bookworm-backports \

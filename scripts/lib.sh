@@ -4,7 +4,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Installs the Debian packages when something the project needs is missing (fresh machine).
 ensure_deps() {
   local missing=0
-  for f in /usr/bin/ceph-mon /usr/bin/ceph-osd /usr/bin/rbd /usr/include/rbd/librbd.h \
+  for f in /usr/bin/ceph-mon /usr/bin/ceph-osd /usr/bin/rbd /usr/include/rados/librados.hpp /usr/bin/g++ \
            /usr/include/rados/librados.h /usr/sbin/sshd /usr/bin/qemu-system-x86_64 /usr/bin/promtool; do
     [ -e "$f" ] || missing=1
   done

@@ -9,7 +9,7 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_deps
-echo "== ABI check: vendor-headers/ against <rados/librados.h>, <rbd/librbd.h>"
+echo "== ABI check: vendor-headers/ and the shim against <rados/librados.h>, <rados/librados.hpp>"
 bash scripts/check-abi.sh
 start_cluster "${RBDFENCE_TEST_IP:-127.0.0.1}"
 if cargo nextest --version >/dev/null 2>&1; then

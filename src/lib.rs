@@ -1,6 +1,6 @@
 //! rbdfence: fail-closed fencing of VMs on Ceph RBD for HA managers.
 //!
-//! `rbd` is the native librados/librbd layer (the only module with `unsafe`); `cli` is the
+//! `rbd` is the native librados layer (the only module with `unsafe`); `cli` is the
 //! command line.
 
 pub mod api;

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use crate::fence::decision::{ApproveReason, Decision, DenyReason, Outcome, Scope};
 use crate::fence::driver::{FenceObserver, Stage};
 use crate::fence::record::FenceRecord;
+use crate::rbd::client::CallEvent;
 use crate::rbd::{CephError, Op};
 
 const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -115,6 +116,11 @@ struct CephCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CephOpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -148,6 +154,11 @@ pub struct Metrics {
     fence_duration: Histogram,
     stage_duration: Family<StageLabels, Histogram, fn() -> Histogram>,
     ceph_calls: Family<CephCallLabels, Counter>,
+    ceph_in_flight: Family<CephOpLabels, Gauge>,
+    ceph_in_flight_peak: Family<CephOpLabels, Gauge>,
+    /// Serialises a call's start with the peak update, so the peak is never lower than a
+    /// count that was reached.
+    in_flight_lock: Mutex<()>,
     ssh_sessions: Family<ResultLabels, Counter>,
     blocklist_entries: Gauge,
     ceph_connected: Gauge,
@@ -179,6 +190,8 @@ impl Metrics {
         let stage_duration =
             Family::<StageLabels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
         let ceph_calls = Family::<CephCallLabels, Counter>::default();
+        let ceph_in_flight = Family::<CephOpLabels, Gauge>::default();
+        let ceph_in_flight_peak = Family::<CephOpLabels, Gauge>::default();
         let ssh_sessions = Family::<ResultLabels, Counter>::default();
         let blocklist_entries = Gauge::default();
         let ceph_connected = Gauge::default();
@@ -245,6 +258,16 @@ impl Metrics {
             ceph_calls.clone(),
         );
         registry.register(
+            "rbdfence_ceph_calls_in_flight",
+            "Ceph calls running now, by operation",
+            ceph_in_flight.clone(),
+        );
+        registry.register(
+            "rbdfence_ceph_calls_in_flight_peak",
+            "The most Ceph calls of an operation that ran at once since the service started",
+            ceph_in_flight_peak.clone(),
+        );
+        registry.register(
             "rbdfence_ssh_sessions",
             "SSH kill sessions by result",
             ssh_sessions.clone(),
@@ -304,6 +327,8 @@ impl Metrics {
         }
         for op in CEPH_OPS {
             let _ = ceph_calls.get_or_create(&CephCallLabels { op, result: "ok" });
+            let _ = ceph_in_flight.get_or_create(&CephOpLabels { op });
+            let _ = ceph_in_flight_peak.get_or_create(&CephOpLabels { op });
         }
         let _ = ssh_sessions.get_or_create(&ResultLabels { result: "ok" });
         Metrics {
@@ -320,6 +345,9 @@ impl Metrics {
             fence_duration,
             stage_duration,
             ceph_calls,
+            ceph_in_flight,
+            ceph_in_flight_peak,
+            in_flight_lock: Mutex::new(()),
             ssh_sessions,
             blocklist_entries,
             ceph_connected,
@@ -350,20 +378,34 @@ impl Metrics {
         out
     }
 
-    pub fn ceph_call(&self, op: Op, result: Result<(), &CephError>) {
-        let op = match op {
-            Op::Connect | Op::Create | Op::ConfReadFile | Op::ConfSet | Op::LibraryVersion => {
-                "connect"
+    /// A Ceph call starts, ends with a result, or is abandoned by its caller.
+    pub fn ceph_call_event(&self, op: Op, event: CallEvent<'_>) {
+        let label = ceph_op_label(op);
+        let labels = CephOpLabels { op: label };
+        match event {
+            CallEvent::Started => {
+                let _guard = self
+                    .in_flight_lock
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let now = self.ceph_in_flight.get_or_create(&labels).inc() + 1;
+                let peak = self.ceph_in_flight_peak.get_or_create(&labels);
+                if now > peak.get() {
+                    peak.set(now);
+                }
             }
-            Op::ListWatchers | Op::ListLockers | Op::OpenImage | Op::IoCtxCreate => "image_status",
-            Op::BlocklistAdd => "blocklist_add",
-            Op::BlocklistRm => "blocklist_rm",
-            Op::BlocklistLs => "blocklist_ls",
-            Op::ObjectWrite | Op::ObjectRead | Op::ObjectList | Op::ObjectLock => "ledger",
-            Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
-            Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",
-            Op::GetAddrs => "getaddrs",
-        };
+            CallEvent::Finished(result) => {
+                self.ceph_in_flight.get_or_create(&labels).dec();
+                self.ceph_call(op, result);
+            }
+            CallEvent::Abandoned => {
+                self.ceph_in_flight.get_or_create(&labels).dec();
+            }
+        }
+    }
+
+    pub fn ceph_call(&self, op: Op, result: Result<(), &CephError>) {
+        let op = ceph_op_label(op);
         let result = match result {
             Ok(()) => "ok",
             Err(e) => {
@@ -504,5 +546,20 @@ impl FenceObserver for Metrics {
                 })
                 .observe(d.as_secs_f64());
         }
+    }
+}
+
+/// The `op` label of a Ceph call.
+fn ceph_op_label(op: Op) -> &'static str {
+    match op {
+        Op::Connect | Op::Create | Op::ConfReadFile | Op::ConfSet | Op::LibraryVersion => "connect",
+        Op::ReadHeader | Op::LocateImage | Op::IoCtxCreate => "image_status",
+        Op::BlocklistAdd => "blocklist_add",
+        Op::BlocklistRm => "blocklist_rm",
+        Op::BlocklistLs => "blocklist_ls",
+        Op::ObjectWrite | Op::ObjectRead | Op::ObjectList | Op::ObjectLock => "ledger",
+        Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
+        Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",
+        Op::GetAddrs => "getaddrs",
     }
 }

@@ -51,7 +51,8 @@ pub async fn build(cfg: Config) -> Result<Arc<Service>, ServeError> {
         Metrics::new().with_blocklist_expire(Duration::from_secs(cfg.fence.blocklist_expire_secs)),
     );
     let m = metrics.clone();
-    let call_observer: crate::rbd::client::CallObserver = Arc::new(move |op, r| m.ceph_call(op, r));
+    let call_observer: crate::rbd::client::CallObserver =
+        Arc::new(move |op, event| m.ceph_call_event(op, event));
     let m = metrics.clone();
     let on_health: Arc<dyn Fn(bool) + Send + Sync> = Arc::new(move |up| m.set_ceph_connected(up));
     let link = CephLink::connect(cfg.connect_options(), Some(call_observer), Some(on_health)).await;

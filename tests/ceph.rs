@@ -7,7 +7,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BlocklistGuard, Holder, TestImage, admin, no_watchers, rbd_status_watchers};
+use common::{
+    BlocklistGuard, Holder, TestImage, admin, ceph_cli, no_watchers, rbd_status_watchers,
+};
 use rbdfence::rbd::{BlocklistEntry, Ceph, ConnectOptions, LockMode, Timeouts};
 
 const ESHUTDOWN: i32 = 108;
@@ -35,7 +37,7 @@ async fn watchers_equal_rbd_status_for_a_client_from_another_address() {
 }
 
 #[tokio::test]
-async fn read_only_open_adds_no_watcher_and_the_writer_owns_the_lock() {
+async fn observing_adds_no_watcher_and_the_writer_owns_the_lock() {
     let ceph = admin().await;
     let img = TestImage::create("lockowner");
     let status = ceph.image_status(&img.spec).await.unwrap();
@@ -63,6 +65,100 @@ async fn read_only_open_adds_no_watcher_and_the_writer_owns_the_lock() {
     assert_eq!(status.lock_owners[0].mode, LockMode::Exclusive);
     assert_eq!(status.lock_owners[0].address, holder.address);
     assert_eq!(status.watchers.len(), 1);
+}
+
+/// An image renamed away and a new one created under its name: the next look at the name
+/// reports the new image, not the one it named a moment ago (the service remembers where an
+/// image's header was, and checks it on every read).
+#[tokio::test]
+async fn an_image_replaced_under_its_name_is_read_afresh() {
+    let ceph = admin().await;
+    let img = TestImage::create("replaced");
+    let holder = Holder::start(&img, "127.0.0.192");
+    let before = ceph.image_status(&img.spec).await.unwrap();
+    assert_eq!(before.watchers.len(), 1, "{before:?}");
+    assert_eq!(before.watchers[0].address, holder.address);
+
+    let moved = TestImage {
+        spec: format!("{}-moved", img.name()).parse().unwrap(),
+    };
+    ceph_cli("rbd", &["mv", &img.name(), &moved.name()]);
+    ceph_cli("rbd", &["create", &img.name(), "--size", "16M"]);
+    let after = ceph.image_status(&img.spec).await.unwrap();
+    assert!(
+        after.watchers.is_empty() && after.lock_owners.is_empty(),
+        "the new image under the old name has no user, but got {after:?}"
+    );
+    let moved_status = ceph.image_status(&moved.spec).await.unwrap();
+    assert_eq!(moved_status.watchers.len(), 1, "{moved_status:?}");
+    assert_eq!(moved_status.watchers[0].address, holder.address);
+    drop(holder);
+}
+
+/// A format-1 image (`<name>.rbd` as its header object, no `rbd_id.<name>`; Pacific can no
+/// longer create one, so its header is made by hand): watchers and the `rbd_lock` holder are
+/// read from that object, with the holder's address.
+#[tokio::test]
+async fn a_format_1_header_is_observed() {
+    let ceph = admin().await;
+    let name = common::unique("fmt1");
+    let header = format!("{name}.rbd");
+    let conf = common::cluster().conf.clone();
+    let rados = |args: &[&str]| {
+        let mut c = Command::new("rados");
+        c.arg("--conf")
+            .arg(&conf)
+            .args(["-p", "rbd"])
+            .args(args)
+            .env("LD_PRELOAD", common::bind_shim())
+            .env("RBDFENCE_BIND_ADDR", "127.0.0.193");
+        c
+    };
+    assert!(
+        rados(&["put", &header, "/dev/null"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        rados(&[
+            "lock",
+            "get",
+            &header,
+            "rbd_lock",
+            "--lock-type",
+            "exclusive"
+        ])
+        .status()
+        .unwrap()
+        .success()
+    );
+    let mut watch = rados(&["watch", &header])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let spec: rbdfence::rbd::ImageSpec = format!("rbd/{name}").parse().unwrap();
+    let status = common::eventually("the watch", Duration::from_secs(10), || async {
+        let s = ceph.image_status(&spec).await.unwrap();
+        (!s.watchers.is_empty()).then_some(s)
+    })
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let _ = rados(&["rm", &header]).status();
+    assert_eq!(status.watchers.len(), 1, "{status:?}");
+    assert!(
+        status.watchers[0].address.starts_with("127.0.0.193:"),
+        "{status:?}"
+    );
+    assert_eq!(status.lock_owners.len(), 1, "{status:?}");
+    assert_eq!(status.lock_owners[0].mode, LockMode::Exclusive);
+    assert!(
+        status.lock_owners[0].address.starts_with("127.0.0.193:"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]

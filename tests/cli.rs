@@ -81,7 +81,7 @@ fn ceph_failures_exit_1_naming_the_call_and_errno() {
     let out = rbdfence(&["watchers", "rbd/no-such-image"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("open image rbd/no-such-image failed: ENOENT"),
+        stderr(&out).contains("locate image rbd/no-such-image failed: ENOENT"),
         "{}",
         stderr(&out)
     );

@@ -60,7 +60,7 @@ impl CephPort for FakeCeph {
             .map(|(_, st)| st.clone());
         found.ok_or_else(|| {
             CephError::new(
-                Op::OpenImage,
+                Op::LocateImage,
                 spec.to_string(),
                 libc::ENOENT,
                 "no such image",

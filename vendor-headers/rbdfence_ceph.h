@@ -1,12 +1,14 @@
 /*
- * rbdfence's own declarations of the part of the librados / librbd C ABI it calls.
+ * rbdfence's own declarations of the part of the librados C ABI it calls, and of its one
+ * C++ shim over librados' C++ API (native/read_header.cc).
  *
- * Written for rbdfence from the documented ABI of librados 3.x and librbd 1.x; it is
- * not a copy of Ceph's headers. bindgen reads only this file (see build.rs and its
- * allowlist). `scripts/check-abi.sh` compiles it together with the system headers
- * (<rados/librados.h>, <rbd/librbd.h>) with RBDFENCE_ABI_CHECK defined, so any
- * prototype, struct layout or constant that disagrees with the installed Ceph fails
- * the build. Every symbol here is listed in README.md beside this file.
+ * Written for rbdfence from the documented ABI of librados 3.x; it is not a copy of Ceph's
+ * headers. bindgen reads only this file (see build.rs and its allowlist).
+ * `scripts/check-abi.sh` compiles it together with the system header <rados/librados.h>
+ * with RBDFENCE_ABI_CHECK defined, so any prototype, struct layout or constant that
+ * disagrees with the installed Ceph fails the build; the shim is compiled against
+ * <rados/librados.hpp> and asserts its struct's layout there. Every symbol here is listed
+ * in README.md beside this file.
  */
 #ifndef RBDFENCE_CEPH_H
 #define RBDFENCE_CEPH_H
@@ -24,26 +26,10 @@ extern "C" {
  * At start-up the linked libraries must have the same major and at least this minor. */
 #define RBDFENCE_LIBRADOS_MAJOR 3
 #define RBDFENCE_LIBRADOS_MINOR 0
-#define RBDFENCE_LIBRBD_MAJOR 1
-#define RBDFENCE_LIBRBD_MINOR 16
 
-/* Opaque handles: all three are plain pointers in the ABI. */
+/* Opaque handles: plain pointers in the ABI. */
 typedef void *rados_t;
 typedef void *rados_ioctx_t;
-typedef void *rbd_image_t;
-
-/* One watcher of an image header object, as filled in by rbd_watchers_list(). */
-struct rbdfence_image_watcher {
-  char *addr;       /* entity address, "IP:PORT/NONCE", owned by librbd */
-  int64_t id;       /* global client id (the N of client.N) */
-  uint64_t cookie;  /* watch cookie */
-};
-
-#ifndef RBDFENCE_ABI_CHECK
-/* The system header names this layout with an anonymous struct; in the ABI check the
- * system typedef is used instead and the layout is compared field by field. */
-typedef struct rbdfence_image_watcher rbd_image_watcher_t;
-#endif
 
 /* ---- librados: version, set-up and teardown ---- */
 void rados_version(int *major, int *minor, int *extra);
@@ -71,14 +57,6 @@ void rados_ioctx_destroy(rados_ioctx_t io);
 /* Every later operation on this ioctx addresses objects in namespace nspace ("" or NULL: the
  * default namespace). Not thread-safe: set once, before the ioctx is shared. */
 void rados_ioctx_set_namespace(rados_ioctx_t io, const char *nspace);
-/* Lockers of one lock of one object; the lengths say how much room each buffer has, and are
- * set to what is needed when it returns -ERANGE. Returns the number of lockers. */
-ssize_t rados_list_lockers(rados_ioctx_t io, const char *oid, const char *name,
-                           int *exclusive,
-                           char *tag, size_t *tag_len,
-                           char *clients, size_t *clients_len,
-                           char *cookies, size_t *cookies_len,
-                           char *addrs, size_t *addrs_len);
 
 /* ---- librados: whole objects (the fence ledger) ---- */
 /* Replaces the object's data with len bytes of buf (creates it if missing). */
@@ -114,20 +92,30 @@ int rados_lock_exclusive(rados_ioctx_t io, const char *oid, const char *name,
                          uint8_t flags);
 int rados_unlock(rados_ioctx_t io, const char *o, const char *name, const char *cookie);
 
-/* ---- librbd ---- */
-void rbd_version(int *major, int *minor, int *extra);
-int rbd_open_read_only(rados_ioctx_t io, const char *name, rbd_image_t *image,
-                       const char *snap_name);
-int rbd_close(rbd_image_t image);
-int rbd_get_id(rbd_image_t image, char *id, size_t id_len);
-int rbd_watchers_list(rbd_image_t image, rbd_image_watcher_t *watchers,
-                      size_t *max_watchers);
-void rbd_watchers_list_cleanup(rbd_image_watcher_t *watchers, size_t num_watchers);
-ssize_t rbd_list_lockers(rbd_image_t image, int *exclusive,
-                         char *tag, size_t *tag_len,
-                         char *clients, size_t *clients_len,
-                         char *cookies, size_t *cookies_len,
-                         char *addrs, size_t *addrs_len);
+/* ---- rbdfence's shim over librados' C++ API (native/read_header.cc) ---- */
+/* One watcher of an object; the layout of librados' obj_watch_t (asserted in the shim). */
+struct rbdfence_watcher {
+  char addr[256];           /* entity address, "v1:IP:PORT/NONCE" or "IP:PORT/NONCE" */
+  int64_t id;               /* global client id (the N of client.N) */
+  uint64_t cookie;          /* watch cookie */
+  uint32_t timeout_seconds; /* the watch's timeout */
+};
+/* One holder of a lock on an object: its entity address, NUL-terminated. */
+struct rbdfence_locker {
+  char addr[256];
+};
+/* One look at an image's header object header_oid, three OSD ops at once: its watchers (at
+ * most *n_watchers into watchers), the holders of lock lock_name (at most *n_lockers into
+ * lockers; *exclusive set when the lock is exclusive; none when no lock was ever taken), and,
+ * when id_oid is not NULL, the first *id_len bytes of object id_oid into id (*id_len set to
+ * the number read, *id_result to 0 or -errno). Returns 0 with the counts set; -ERANGE with
+ * *n_watchers and *n_lockers set to the numbers there are when an array is too short; else
+ * the -errno of the watcher or locker listing (-ENOENT: no such header object). Every op is
+ * bounded by the connection's rados_osd_op_timeout. */
+int rbdfence_read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
+                         const char *id_oid, char *id, size_t *id_len, int *id_result,
+                         struct rbdfence_watcher *watchers, size_t *n_watchers,
+                         struct rbdfence_locker *lockers, size_t *n_lockers, int *exclusive);
 
 #ifdef __cplusplus
 }

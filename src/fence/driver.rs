@@ -556,7 +556,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                 // ENOENT from opening the pool or the image; a missing conf or keyring is not it.
                 Some(Err(e))
                     if e.is_not_found()
-                        && matches!(e.op, Op::OpenImage | Op::IoCtxCreate | Op::ListWatchers) =>
+                        && matches!(e.op, Op::LocateImage | Op::IoCtxCreate | Op::ReadHeader) =>
                 {
                     Err(EvidenceFailure::ImageNotFound(e.to_string()))
                 }

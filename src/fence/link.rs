@@ -69,7 +69,10 @@ impl CephLink {
         }
         .await;
         if let Some(obs) = &self.observer {
-            obs(Op::Connect, result.as_ref().map(|_| ()));
+            obs(
+                Op::Connect,
+                crate::rbd::client::CallEvent::Finished(result.as_ref().map(|_| ())),
+            );
         }
         match result {
             Ok(conn) => {

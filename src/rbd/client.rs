@@ -14,43 +14,31 @@ use super::addr::{BlocklistEntry, EntityAddr};
 use super::blocklist::BlocklistItem;
 use super::cluster::{ConnectOptions, Rados};
 use super::error::{CephError, Op};
-use super::image::{HeaderObject, Image, ImageSpec, ImageStatus};
+use super::image::{HeaderCheck, HeaderObject, ImageSpec, ImageStatus};
 use super::ioctx::IoCtx;
 
 /// Slack on top of Ceph's own timeout before tokio gives up on a call: Ceph's bound should
 /// fire first and give the better error.
 const MARGIN: Duration = Duration::from_secs(2);
 
-/// How long an image stays open read-only for repeated observation. Watchers and lock owners
-/// are read live from the header object on every call; the bound only limits how long a
-/// renamed image keeps answering under its old name.
-const IMAGE_CACHE_TTL: Duration = Duration::from_secs(30);
-/// Images kept open at most (the cache is emptied when it is full).
-const IMAGE_CACHE_MAX: usize = 4096;
+/// Header objects located, kept at most (the map is emptied when it is full): a few hundred
+/// bytes each, whatever the number of images ever seen.
+const HEADER_CACHE_MAX: usize = 4096;
 
-/// An observed image: its read-only handle and (format 2) its header object.
-#[derive(Clone)]
-struct CachedImage {
-    image: Arc<Mutex<Image>>,
-    header: Option<HeaderObject>,
+/// Where each image's header object was last found. Only a hint: every read checks it again.
+type HeaderCache = Mutex<HashMap<ImageSpec, HeaderObject>>;
+
+/// A Ceph call starting, or ending with its result.
+#[derive(Debug, Clone, Copy)]
+pub enum CallEvent<'a> {
+    Started,
+    Finished(Result<(), &'a CephError>),
+    /// Its caller stopped waiting (the work may still run on its blocking thread).
+    Abandoned,
 }
 
-type ImageCache = Mutex<HashMap<ImageSpec, (CachedImage, Instant)>>;
-
-fn cache_get(images: &ImageCache, spec: &ImageSpec) -> Option<CachedImage> {
-    let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
-    match map.get(spec) {
-        Some((img, at)) if at.elapsed() < IMAGE_CACHE_TTL => Some(img.clone()),
-        Some(_) => {
-            map.remove(spec);
-            None
-        }
-        None => None,
-    }
-}
-
-/// Told of every Ceph call's result (metrics hook).
-pub type CallObserver = Arc<dyn Fn(Op, Result<(), &CephError>) + Send + Sync>;
+/// Told when every Ceph call starts and ends (metrics hook).
+pub type CallObserver = Arc<dyn Fn(Op, CallEvent<'_>) + Send + Sync>;
 
 /// A connected cluster, cheap to clone, safe to share between tasks.
 #[derive(Clone)]
@@ -59,7 +47,7 @@ pub struct Ceph {
     pools: Arc<IoCtxs>,
     /// The one `rados_wait_for_latest_osdmap` in flight, and when it started.
     osdmap_wait: Arc<Mutex<Option<(Instant, OsdmapWait)>>>,
-    images: Arc<ImageCache>,
+    headers: Arc<HeaderCache>,
     bound: Duration,
     observer: Option<CallObserver>,
 }
@@ -78,7 +66,7 @@ impl Ceph {
             rados: Arc::new(rados),
             pools: Arc::default(),
             osdmap_wait: Arc::default(),
-            images: Arc::default(),
+            headers: Arc::default(),
             bound,
             observer: None,
         })
@@ -101,85 +89,75 @@ impl Ceph {
         F: FnOnce(&Arc<Rados>) -> Result<T, CephError> + Send + 'static,
     {
         let rados = self.rados.clone();
-        let r = bounded(op, target, self.bound, move || f(&rados)).await;
         if let Some(obs) = &self.observer {
-            obs(op, r.as_ref().map(|_| ()));
+            obs(op, CallEvent::Started);
+        }
+        // A caller that gives up still ends the call for the observer (`Abandoned`).
+        let finish = self.observer.as_ref().map(|obs| FinishGuard {
+            obs: obs.clone(),
+            op,
+            done: false,
+        });
+        let r = bounded(op, target, self.bound, move || f(&rados)).await;
+        if let Some(mut g) = finish {
+            g.done = true;
+            (g.obs)(op, CallEvent::Finished(r.as_ref().map(|_| ())));
         }
         r
     }
 
-    /// Watchers and lock owners of one image, from a read-only open (which adds no watcher).
-    /// The open image is kept for a while: both lists are read live from the header object
-    /// on every call (one OSD op each, run concurrently); an image that was removed (or
-    /// replaced) since is reopened once.
+    /// Watchers and lock owners of one image, read live from its header object with librados
+    /// (the image is not opened: no watch, nothing kept per image).
+    ///
+    /// Finding the header object takes a read of `rbd_id.<image>`. When the image was looked
+    /// at before, that read runs at the same time as the listings on the header found then
+    /// (one round trip), and the answer stands only if the name still leads to that header;
+    /// otherwise (the image was removed, replaced or renamed over) the header is looked up
+    /// again and read. So an answer never rests on an earlier lookup.
     pub async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
-        let (image, cached) = self.open_cached(spec).await?;
-        match self.status_of(spec, image).await {
-            Err(e) if cached && e.is_not_found() => {
-                self.images
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(spec);
-                let (image, _) = self.open_cached(spec).await?;
-                self.status_of(spec, image).await
+        let known = self
+            .headers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(spec)
+            .cloned();
+        if let Some(known) = known {
+            let checked = self
+                .call(Op::ReadHeader, spec.to_string(), move |_| {
+                    match known.read(true) {
+                        Ok((status, HeaderCheck::Same)) => Ok(Some(status)),
+                        // Renamed over, replaced or removed: look it up again below.
+                        Ok(_) => Ok(None),
+                        Err(e) if e.is_not_found() => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            if let Some(status) = checked {
+                return Ok(status);
             }
-            other => other,
         }
-    }
-
-    /// The cached read-only handle of `spec` (no I/O), or a new one opened on the blocking
-    /// pool; `true` when it came from the cache.
-    async fn open_cached(&self, spec: &ImageSpec) -> Result<(CachedImage, bool), CephError> {
-        if let Some(hit) = cache_get(&self.images, spec) {
-            return Ok((hit, true));
-        }
-        let (pools, images, spec) = (self.pools.clone(), self.images.clone(), spec.clone());
-        let opened = self
-            .call(Op::OpenImage, spec.to_string(), move |rados| {
-                let ioctx = ioctx_for(&pools, rados, &spec.pool, &spec.namespace)?;
-                let image = Image::open_read_only(ioctx, &spec.image)?;
-                let entry = CachedImage {
-                    header: image.header(),
-                    image: Arc::new(Mutex::new(image)),
-                };
-                let mut map = images.lock().unwrap_or_else(|p| p.into_inner());
-                if map.len() >= IMAGE_CACHE_MAX {
-                    map.clear();
-                }
-                map.insert(spec.clone(), (entry.clone(), Instant::now()));
-                Ok(entry)
-            })
-            .await?;
-        Ok((opened, false))
-    }
-
-    /// Watchers (on the image handle) and lock owners (on the header object) at once.
-    async fn status_of(
-        &self,
-        spec: &ImageSpec,
-        image: CachedImage,
-    ) -> Result<ImageStatus, CephError> {
-        let handle = image.image.clone();
-        let watchers = self.call(Op::ListWatchers, spec.to_string(), move |_| {
-            handle.lock().unwrap_or_else(|p| p.into_inner()).watchers()
-        });
-        let lock_owners = self.call(Op::ListLockers, spec.to_string(), move |_| {
-            match &image.header {
-                Some(h) => h.lock_owners(),
-                None => image
-                    .image
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .lock_owners(),
-            }
-        });
-        let (watchers, lock_owners) = tokio::join!(watchers, lock_owners);
-        // Watchers first: a missing image shows there (ENOENT), while a header with no lock
-        // answers an empty owner list.
-        Ok(ImageStatus {
-            watchers: watchers?,
-            lock_owners: lock_owners?,
+        let header = self.locate(spec).await?;
+        self.call(Op::ReadHeader, spec.to_string(), move |_| {
+            header.read(false).map(|(status, _)| status)
         })
+        .await
+    }
+
+    /// The header object of `spec`, looked up afresh (and remembered for the next read).
+    async fn locate(&self, spec: &ImageSpec) -> Result<HeaderObject, CephError> {
+        let (pools, headers, spec) = (self.pools.clone(), self.headers.clone(), spec.clone());
+        self.call(Op::LocateImage, spec.to_string(), move |rados| {
+            let ioctx = ioctx_for(&pools, rados, &spec.pool, &spec.namespace)?;
+            let header = HeaderObject::locate(ioctx, &spec.image)?;
+            let mut map = headers.lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= HEADER_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(spec, header.clone());
+            Ok(header)
+        })
+        .await
     }
 
     pub async fn blocklist_add(
@@ -386,6 +364,21 @@ impl Ceph {
     /// Opens (or reuses) the pool's IoCtx; for callers on a blocking thread.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>, CephError> {
         ioctx_for(&self.pools, &self.rados, pool, "")
+    }
+}
+
+/// Ends a call for the observer if its caller is dropped before the call ends.
+struct FinishGuard {
+    obs: CallObserver,
+    op: Op,
+    done: bool,
+}
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            (self.obs)(self.op, CallEvent::Abandoned);
+        }
     }
 }
 

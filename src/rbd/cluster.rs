@@ -38,56 +38,40 @@ pub struct ConnectOptions {
     pub timeouts: Timeouts,
 }
 
-/// Versions of the linked librados and librbd.
+/// Versions of the linked libraries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LibraryVersions {
     pub rados: (i32, i32, i32),
-    pub rbd: (i32, i32, i32),
 }
 
-/// Reads the linked libraries' versions.
+/// Reads the linked library's version.
 ///
-/// Implements: `rados_version`, `rbd_version`.
+/// Implements: `rados_version`.
 pub fn library_versions() -> LibraryVersions {
     let (mut a, mut b, mut c) = (0, 0, 0);
     // SAFETY: rados_version only writes three ints through the valid pointers given.
     unsafe { ffi::rados_version(&mut a, &mut b, &mut c) };
-    let rados = (a, b, c);
-    // SAFETY: as above, for librbd.
-    unsafe { ffi::rbd_version(&mut a, &mut b, &mut c) };
-    LibraryVersions {
-        rados,
-        rbd: (a, b, c),
-    }
+    LibraryVersions { rados: (a, b, c) }
 }
 
-/// The linked libraries must have the major version our declarations were written for and at
+/// The linked librados must have the major version our declarations were written for and at
 /// least their minor version, or the ABI we call may not be the ABI that is there.
 fn check_library_versions() -> Result<(), CephError> {
-    let v = library_versions();
-    let want_rados = (
+    let have = library_versions().rados;
+    let want = (
         ffi::RBDFENCE_LIBRADOS_MAJOR as i32,
         ffi::RBDFENCE_LIBRADOS_MINOR as i32,
     );
-    let want_rbd = (
-        ffi::RBDFENCE_LIBRBD_MAJOR as i32,
-        ffi::RBDFENCE_LIBRBD_MINOR as i32,
-    );
-    for (lib, have, want) in [
-        ("librados", v.rados, want_rados),
-        ("librbd", v.rbd, want_rbd),
-    ] {
-        if have.0 != want.0 || have.1 < want.1 {
-            return Err(CephError::new(
-                Op::LibraryVersion,
-                lib,
-                libc::ENOTSUP,
-                format!(
-                    "linked {lib} is {}.{}.{}; rbdfence's declarations need {}.x with x >= {}",
-                    have.0, have.1, have.2, want.0, want.1
-                ),
-            ));
-        }
+    if have.0 != want.0 || have.1 < want.1 {
+        return Err(CephError::new(
+            Op::LibraryVersion,
+            "librados",
+            libc::ENOTSUP,
+            format!(
+                "linked librados is {}.{}.{}; rbdfence's declarations need {}.x with x >= {}",
+                have.0, have.1, have.2, want.0, want.1
+            ),
+        ));
     }
     Ok(())
 }

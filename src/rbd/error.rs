@@ -4,7 +4,7 @@ use std::fmt;
 
 use super::errno;
 
-/// The librados/librbd operation that failed. Bounded: it doubles as a metric label.
+/// The librados operation that failed. Bounded: it doubles as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     LibraryVersion,
@@ -17,9 +17,8 @@ pub enum Op {
     OsdmapEpoch,
     GetAddrs,
     IoCtxCreate,
-    OpenImage,
-    ListWatchers,
-    ListLockers,
+    LocateImage,
+    ReadHeader,
     BlocklistAdd,
     BlocklistRm,
     BlocklistLs,
@@ -43,9 +42,8 @@ impl Op {
             Op::OsdmapEpoch => "osdmap epoch",
             Op::GetAddrs => "client addresses",
             Op::IoCtxCreate => "open pool",
-            Op::OpenImage => "open image",
-            Op::ListWatchers => "list watchers",
-            Op::ListLockers => "list lockers",
+            Op::LocateImage => "locate image",
+            Op::ReadHeader => "read image header",
             Op::BlocklistAdd => "blocklist add",
             Op::BlocklistRm => "blocklist rm",
             Op::BlocklistLs => "blocklist ls",
@@ -69,9 +67,8 @@ impl Op {
             Op::OsdmapEpoch => "osdmap_epoch",
             Op::GetAddrs => "getaddrs",
             Op::IoCtxCreate => "ioctx_create",
-            Op::OpenImage => "open_image",
-            Op::ListWatchers => "list_watchers",
-            Op::ListLockers => "list_lockers",
+            Op::LocateImage => "locate_image",
+            Op::ReadHeader => "read_header",
             Op::BlocklistAdd => "blocklist_add",
             Op::BlocklistRm => "blocklist_rm",
             Op::BlocklistLs => "blocklist_ls",
@@ -177,10 +174,10 @@ mod tests {
             e.to_string(),
             "blocklist add 127.0.0.2:0/0 failed: EACCES (access denied)"
         );
-        let e = CephError::from_code(Op::OpenImage, "rbd/x", -2, "");
+        let e = CephError::from_code(Op::LocateImage, "rbd/x", -2, "");
         assert_eq!(
             e.to_string(),
-            "open image rbd/x failed: ENOENT (No such file or directory)"
+            "locate image rbd/x failed: ENOENT (No such file or directory)"
         );
         assert!(e.is_not_found());
         let e = CephError::from_code(Op::Connect, "", -110, "");

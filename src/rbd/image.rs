@@ -1,12 +1,9 @@
-//! RBD images (`rbd_image_t`), opened read-only to observe them: watchers and lockers.
-//!
-//! A read-only open registers no watch, so the observer never shows up among the watchers
-//! it reports. (`rbd_lock_get_owners` needs a read-write open in Pacific, hence
-//! `rbd_list_lockers`, which reads the exclusive lock's holder from the header object.)
+//! RBD images observed through their header object with librados alone: watchers and lock
+//! owners, the evidence of who uses an image. The image is never opened (no librbd), so the
+//! observer registers no watch and holds nothing per image.
 
 use std::ffi::{CStr, CString, c_char, c_int};
 use std::fmt;
-use std::ptr;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -149,219 +146,234 @@ pub struct ImageStatus {
     pub lock_owners: Vec<LockOwner>,
 }
 
-/// An image opened read-only. Closed in `Drop`; keeps its IoCtx (and cluster) alive.
-pub struct Image {
-    ptr: ffi::rbd_image_t,
-    spec: String,
-    /// `rbd_header.<id>` for format-2 images: lock owners are read from it live.
-    header_oid: Option<CString>,
-    ioctx: Arc<IoCtx>,
-}
-
 /// The lock librbd's exclusive-lock feature (and `rbd lock add`) takes on the header object.
-const RBD_LOCK_NAME: &std::ffi::CStr = c"rbd_lock";
+const RBD_LOCK_NAME: &CStr = c"rbd_lock";
 
-// SAFETY: librbd image handles may move between threads (librbd locks internally); `Image`
-// is deliberately not `Sync`, so one thread at a time uses it.
-unsafe impl Send for Image {}
+/// The longest image id we accept from an `rbd_id.<name>` object (librbd makes them 10-20 hex
+/// digits); a longer or odd one is refused rather than used in an object name.
+const MAX_IMAGE_ID: usize = 64;
 
-impl Drop for Image {
-    fn drop(&mut self) {
-        // SAFETY: opened by rbd_open_read_only and closed once; the IoCtx is alive (we hold it).
-        let _ = unsafe { ffi::rbd_close(self.ptr) };
-    }
+/// An image's header object: `rbd_header.<id>` (format 2) or `<name>.rbd` (format 1), in the
+/// image's pool and namespace. Its watchers are the image's watchers (what `rbd status`
+/// shows: every client that has the image open read-write), and the lock `rbd_lock` on it is
+/// the exclusive lock (or an advisory one). Both are read live from the object, with
+/// librados alone: the image is never opened, so observing it costs no librbd `ImageCtx`,
+/// registers no watch and keeps nothing open.
+#[derive(Clone)]
+pub struct HeaderObject {
+    ioctx: Arc<IoCtx>,
+    oid: CString,
+    /// `rbd_id.<name>`: where the image's id is read to check that this is still its header.
+    id_oid: CString,
+    /// The image id (format 2); `None` for a format-1 image, which has no `rbd_id` object.
+    id: Option<String>,
+    spec: String,
 }
 
-impl Image {
-    /// Opens `image` of the IoCtx's pool read-only (at the head, no snapshot). A missing
-    /// image is `ENOENT`.
+/// Whether the image's name still leads to the header a read looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderCheck {
+    /// The read was not asked to check.
+    NotChecked,
+    /// `rbd_id.<name>` names this header (or, format 1, still does not exist).
+    Same,
+    /// The name now leads elsewhere, or nowhere: look the header up again.
+    Changed,
+}
+
+impl HeaderObject {
+    /// Finds the header object of `image`: reads the image's id from `rbd_id.<image>`
+    /// (format 2), or else checks for `<image>.rbd` (format 1). A missing image is `ENOENT`.
     ///
-    /// Implements: `rbd_open_read_only`.
-    pub fn open_read_only(ioctx: Arc<IoCtx>, image: &str) -> Result<Image, CephError> {
+    /// Implements: `rados_read`, `rados_stat`.
+    pub fn locate(ioctx: Arc<IoCtx>, image: &str) -> Result<HeaderObject, CephError> {
         let spec = format!("{}/{}", ioctx.pool(), image);
-        let name = CString::new(image).map_err(|_| {
-            CephError::new(
-                Op::OpenImage,
-                &spec,
-                libc::EINVAL,
-                "image name contains a NUL byte",
-            )
-        })?;
-        let mut ptr: ffi::rbd_image_t = ptr::null_mut();
-        // SAFETY: valid ioctx kept alive by the Arc; `name` outlives the call; a null snapshot
-        // name means the head; `ptr` is a valid out-pointer.
+        let id_oid = cstring(&spec, format!("rbd_id.{image}"))?;
+        let mut buf = [0u8; ID_OBJECT_MAX];
+        // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated name; `buf` is valid
+        // for `buf.len()` bytes of writes for the call.
         let r = unsafe {
-            ffi::rbd_open_read_only(ioctx.as_ptr(), name.as_ptr(), &mut ptr, ptr::null())
+            ffi::rados_read(
+                ioctx.as_ptr(),
+                id_oid.as_ptr(),
+                buf.as_mut_ptr().cast::<c_char>(),
+                buf.len(),
+                0,
+            )
         };
-        if r < 0 {
-            let msg = if r == -libc::ENOENT {
-                "no such image"
-            } else {
-                ""
-            };
-            return Err(CephError::from_code(Op::OpenImage, spec, r.into(), msg));
-        }
-        let mut img = Image {
-            ptr,
-            spec,
-            header_oid: None,
+        let (oid, id) = if r >= 0 {
+            let id = decode_image_id(&buf[..r as usize]).ok_or_else(|| {
+                CephError::new(
+                    Op::LocateImage,
+                    &spec,
+                    libc::EINVAL,
+                    "rbd_id object does not hold an image id",
+                )
+            })?;
+            (
+                cstring(&spec, format!("rbd_header.{id}"))?,
+                Some(id.to_string()),
+            )
+        } else if r == -libc::ENOENT {
+            let v1 = cstring(&spec, format!("{image}.rbd"))?;
+            let (mut size, mut mtime): (u64, libc::time_t) = (0, 0);
+            // SAFETY: valid ioctx and name; the out-pointers are valid for the call.
+            let r = unsafe { ffi::rados_stat(ioctx.as_ptr(), v1.as_ptr(), &mut size, &mut mtime) };
+            if r < 0 {
+                let msg = if r == -libc::ENOENT {
+                    "no such image"
+                } else {
+                    ""
+                };
+                return Err(CephError::from_code(Op::LocateImage, spec, r.into(), msg));
+            }
+            (v1, None)
+        } else {
+            return Err(CephError::from_code(Op::LocateImage, spec, r.into(), ""));
+        };
+        Ok(HeaderObject {
             ioctx,
-        };
-        img.header_oid = img
-            .id()
-            .ok()
-            .and_then(|id| CString::new(format!("rbd_header.{id}")).ok());
-        Ok(img)
+            oid,
+            id_oid,
+            id,
+            spec,
+        })
     }
 
-    /// The image's id (format 2); an error for format-1 images.
+    /// Watchers and lock owners, read live from the header object; with `check`, the image's
+    /// id is read at the same time, to tell whether the name still leads here. One round
+    /// trip: three OSD ops at once. A removed header is `ENOENT`.
     ///
-    /// Implements: `rbd_get_id`.
-    fn id(&self) -> Result<String, CephError> {
-        let mut buf = vec![0 as c_char; 64];
-        // SAFETY: `buf` is as long as the length passed; librbd writes a NUL-terminated id
-        // within it or returns an error (ERANGE when too short).
-        let r = unsafe { ffi::rbd_get_id(self.ptr, buf.as_mut_ptr(), buf.len()) };
-        if r < 0 {
-            return Err(CephError::from_code(
-                Op::OpenImage,
-                &self.spec,
-                r.into(),
-                "",
-            ));
-        }
-        let bytes: Vec<u8> = buf
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    /// The clients watching the image header, retrying while librbd says the array is too
-    /// small (ERANGE, with the size it needs).
-    ///
-    /// Implements: `rbd_watchers_list`, `rbd_watchers_list_cleanup`.
-    pub fn watchers(&self) -> Result<Vec<Watcher>, CephError> {
-        let mut cap: usize = 8;
+    /// Implements: `rbdfence_read_header` (our shim over librados' C++ API).
+    pub fn read(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
+        let (mut wcap, mut lcap) = (8usize, 4usize);
         for _ in 0..MAX_SIZING_ATTEMPTS {
-            let mut buf: Vec<ffi::rbd_image_watcher_t> = Vec::with_capacity(cap);
-            let mut n = cap;
-            // SAFETY: `buf` has room for `cap` entries and librbd writes at most `n` (= cap);
-            // on success it sets `n` to the number written.
-            let r = unsafe { ffi::rbd_watchers_list(self.ptr, buf.as_mut_ptr(), &mut n) };
+            let mut watchers: Vec<ffi::rbdfence_watcher> = Vec::with_capacity(wcap);
+            let mut lockers: Vec<ffi::rbdfence_locker> = Vec::with_capacity(lcap);
+            let (mut nw, mut nl) = (wcap, lcap);
+            let mut exclusive: c_int = 0;
+            let mut id = [0u8; ID_OBJECT_MAX];
+            let mut id_len = id.len();
+            let mut id_result: c_int = 0;
+            let id_oid = if check {
+                self.id_oid.as_ptr()
+            } else {
+                std::ptr::null()
+            };
+            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated names; each array
+            // has room for the count passed with it, and `id` for `id_len` bytes; the shim
+            // writes within those and sets the counts to what it wrote.
+            let r = unsafe {
+                ffi::rbdfence_read_header(
+                    self.ioctx.as_ptr(),
+                    self.oid.as_ptr(),
+                    RBD_LOCK_NAME.as_ptr(),
+                    id_oid,
+                    id.as_mut_ptr().cast::<c_char>(),
+                    &mut id_len,
+                    &mut id_result,
+                    watchers.as_mut_ptr(),
+                    &mut nw,
+                    lockers.as_mut_ptr(),
+                    &mut nl,
+                    &mut exclusive,
+                )
+            };
             if r == -libc::ERANGE {
-                cap = n.max(cap * 2);
+                wcap = nw.max(wcap);
+                lcap = nl.max(lcap);
                 continue;
             }
             if r < 0 {
                 return Err(CephError::from_code(
-                    Op::ListWatchers,
+                    Op::ReadHeader,
                     &self.spec,
                     r.into(),
                     "",
                 ));
             }
-            let n = n.min(cap);
-            // SAFETY: librbd initialised the first `n` entries.
-            unsafe { buf.set_len(n) };
-            let watchers = buf
-                .iter()
-                .map(|w| Watcher {
-                    address: if w.addr.is_null() {
-                        String::new()
-                    } else {
-                        // SAFETY: librbd fills `addr` with a NUL-terminated string it owns
-                        // until rbd_watchers_list_cleanup.
-                        unsafe { CStr::from_ptr(w.addr) }
-                            .to_string_lossy()
-                            .into_owned()
-                    },
-                    client: w.id,
-                    cookie: w.cookie,
-                })
-                .collect();
-            // SAFETY: frees the strings librbd allocated in these `n` entries, once.
-            unsafe { ffi::rbd_watchers_list_cleanup(buf.as_mut_ptr(), n) };
-            return Ok(watchers);
+            // SAFETY: the shim initialised the first `nw` (<= wcap) and `nl` (<= lcap) entries.
+            unsafe {
+                watchers.set_len(nw.min(wcap));
+                lockers.set_len(nl.min(lcap));
+            }
+            let mode = if exclusive != 0 {
+                LockMode::Exclusive
+            } else {
+                LockMode::Shared
+            };
+            let status = ImageStatus {
+                watchers: watchers
+                    .iter()
+                    .map(|w| Watcher {
+                        address: plain_addr(c_addr(&w.addr)),
+                        client: w.id,
+                        cookie: w.cookie,
+                    })
+                    .collect(),
+                lock_owners: lockers
+                    .iter()
+                    .map(|l| LockOwner {
+                        mode,
+                        address: plain_addr(c_addr(&l.addr)),
+                    })
+                    .collect(),
+            };
+            let checked = if !check {
+                HeaderCheck::NotChecked
+            } else {
+                let fresh = match id_result {
+                    0 => decode_image_id(&id[..id_len.min(id.len())]).map(Some),
+                    e if e == -libc::ENOENT => Some(None),
+                    _ => None,
+                };
+                match fresh {
+                    Some(fresh) if fresh == self.id.as_deref() => HeaderCheck::Same,
+                    _ => HeaderCheck::Changed,
+                }
+            };
+            return Ok((status, checked));
         }
         Err(CephError::new(
-            Op::ListWatchers,
+            Op::ReadHeader,
             &self.spec,
             libc::ERANGE,
-            "watcher list kept growing",
+            "watcher or locker list kept growing",
         ))
     }
-
-    /// The lockers of the image header: with the exclusive-lock feature, the current
-    /// owner's address (tag `internal`). Empty when nobody holds a lock. For format-2 images
-    /// read live from the header object, so a long-open handle never reports stale owners
-    /// (librbd's own `rbd_list_lockers` answers from what the last header refresh saw).
-    ///
-    /// Implements: `rados_list_lockers` (format 2), `rbd_list_lockers` (format 1).
-    pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
-        if let Some(h) = self.header() {
-            return h.lock_owners();
-        }
-        list_lockers(&self.spec, |ex, tag, tl, cl, cls, kl, kls, al, als| {
-            // SAFETY: valid open image; each buffer is as long as the length passed with it.
-            unsafe { ffi::rbd_list_lockers(self.ptr, ex, tag, tl, cl, cls, kl, kls, al, als) }
-        })
-    }
-
-    /// The image's header object (format 2), for reading its lock owners without the image
-    /// handle — concurrently with a watcher listing on the handle.
-    pub fn header(&self) -> Option<HeaderObject> {
-        self.header_oid.as_ref().map(|oid| HeaderObject {
-            ioctx: self.ioctx.clone(),
-            oid: oid.clone(),
-            spec: self.spec.clone(),
-        })
-    }
-
-    /// Watchers and lock owners in one go.
-    pub fn status(&self) -> Result<ImageStatus, CephError> {
-        Ok(ImageStatus {
-            watchers: self.watchers()?,
-            lock_owners: self.lock_owners()?,
-        })
-    }
 }
 
-/// A format-2 image's header object (`rbd_header.<id>`) in its pool.
-#[derive(Clone)]
-pub struct HeaderObject {
-    ioctx: Arc<IoCtx>,
-    oid: CString,
-    spec: String,
+/// The bytes of an `rbd_id` object we read: its length prefix and the longest id we accept.
+const ID_OBJECT_MAX: usize = 4 + MAX_IMAGE_ID + 1;
+
+/// A NUL-terminated address from one of the shim's fixed arrays (NUL-terminated by it).
+fn c_addr(raw: &[c_char; 256]) -> String {
+    let bytes = raw.map(|c| c as u8);
+    CStr::from_bytes_until_nul(&bytes)
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
-impl HeaderObject {
-    /// The holders of the image's lock (`rbd_lock`), read live from the object.
-    ///
-    /// Implements: `rados_list_lockers`.
-    pub fn lock_owners(&self) -> Result<Vec<LockOwner>, CephError> {
-        list_lockers(&self.spec, |ex, tag, tl, cl, cls, kl, kls, al, als| {
-            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated object and lock
-            // names; each buffer is as long as the length passed with it.
-            unsafe {
-                ffi::rados_list_lockers(
-                    self.ioctx.as_ptr(),
-                    self.oid.as_ptr(),
-                    RBD_LOCK_NAME.as_ptr(),
-                    ex,
-                    tag,
-                    tl,
-                    cl,
-                    cls,
-                    kl,
-                    kls,
-                    al,
-                    als,
-                )
-            }
-        })
+fn cstring(spec: &str, s: String) -> Result<CString, CephError> {
+    CString::new(s).map_err(|_| {
+        CephError::new(
+            Op::LocateImage,
+            spec,
+            libc::EINVAL,
+            "image name contains a NUL byte",
+        )
+    })
+}
+
+/// The id in an `rbd_id.<name>` object: a length-prefixed string (32-bit little-endian
+/// length, then the bytes), as librbd encodes it. Only ASCII letters and digits are taken.
+fn decode_image_id(data: &[u8]) -> Option<&str> {
+    let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let id = data.get(4..4 + len)?;
+    if id.is_empty() || len > MAX_IMAGE_ID || !id.iter().all(u8::is_ascii_alphanumeric) {
+        return None;
     }
+    std::str::from_utf8(id).ok()
 }
 
 /// `v1:IP:PORT/NONCE` (how librados prints a locker) → `IP:PORT/NONCE` (how librbd and
@@ -373,96 +385,6 @@ fn plain_addr(a: String) -> String {
         }
     }
     a
-}
-
-/// The sizing loop around a locker listing: grows the buffers while it answers ERANGE.
-fn list_lockers(
-    spec: &str,
-    mut call: impl FnMut(
-        *mut c_int,
-        *mut c_char,
-        *mut usize,
-        *mut c_char,
-        *mut usize,
-        *mut c_char,
-        *mut usize,
-        *mut c_char,
-        *mut usize,
-    ) -> isize,
-) -> Result<Vec<LockOwner>, CephError> {
-    let (mut tag_cap, mut clients_cap, mut cookies_cap, mut addrs_cap) =
-        (64usize, 256usize, 256usize, 256usize);
-    for _ in 0..MAX_SIZING_ATTEMPTS {
-        let mut tag = vec![0 as c_char; tag_cap];
-        let mut clients = vec![0 as c_char; clients_cap];
-        let mut cookies = vec![0 as c_char; cookies_cap];
-        let mut addrs = vec![0 as c_char; addrs_cap];
-        let (mut tl, mut cl, mut kl, mut al) = (tag_cap, clients_cap, cookies_cap, addrs_cap);
-        let mut exclusive: c_int = 0;
-        let r = call(
-            &mut exclusive,
-            tag.as_mut_ptr(),
-            &mut tl,
-            clients.as_mut_ptr(),
-            &mut cl,
-            cookies.as_mut_ptr(),
-            &mut kl,
-            addrs.as_mut_ptr(),
-            &mut al,
-        );
-        if r == -(libc::ERANGE as isize) {
-            // The library reports the lengths it needs; grow every buffer that was short.
-            tag_cap = grow(tag_cap, tl);
-            clients_cap = grow(clients_cap, cl);
-            cookies_cap = grow(cookies_cap, kl);
-            addrs_cap = grow(addrs_cap, al);
-            continue;
-        }
-        if r == -(libc::ENOENT as isize) {
-            // No lock was ever taken on this object: nobody holds one. (A missing image
-            // fails earlier: `status` lists the watchers of the same object first.)
-            return Ok(Vec::new());
-        }
-        if r < 0 {
-            return Err(CephError::from_code(Op::ListLockers, spec, r as i64, ""));
-        }
-        let mode = if exclusive != 0 {
-            LockMode::Exclusive
-        } else {
-            LockMode::Shared
-        };
-        let addrs = split_nul_list(&addrs[..al.min(addrs_cap)]);
-        return Ok(addrs
-            .into_iter()
-            .take(r as usize)
-            .map(|address| LockOwner {
-                mode,
-                address: plain_addr(address),
-            })
-            .collect());
-    }
-    Err(CephError::new(
-        Op::ListLockers,
-        spec,
-        libc::ERANGE,
-        "locker list kept growing",
-    ))
-}
-
-/// The next capacity of one of the buffers after ERANGE: what librbd asked for, or unchanged
-/// when this one was long enough (librbd reports every length when any is short).
-fn grow(cap: usize, needed: usize) -> usize {
-    if needed > cap { needed } else { cap }
-}
-
-/// Splits librbd's packed list of NUL-terminated strings.
-fn split_nul_list(buf: &[c_char]) -> Vec<String> {
-    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
-    bytes
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
 }
 
 #[cfg(test)]
@@ -505,11 +427,39 @@ mod tests {
     }
 
     #[test]
-    fn splits_packed_lists() {
-        let raw: Vec<c_char> = b"a:0/1\0b:0/2\0\0\0".iter().map(|&b| b as c_char).collect();
+    fn image_ids_are_decoded_and_checked() {
         assert_eq!(
-            split_nul_list(&raw),
-            vec!["a:0/1".to_string(), "b:0/2".to_string()]
+            decode_image_id(b"\x0c\0\0\0abcdef012345"),
+            Some("abcdef012345")
         );
+        assert_eq!(
+            decode_image_id(b"\x03\0\0\0abcXX"),
+            Some("abc"),
+            "trailing bytes are ignored"
+        );
+        for bad in [
+            &b""[..],
+            b"\x01\0",
+            b"\0\0\0\0",
+            b"\x05\0\0\0abc",
+            b"\x03\0\0\0a/c",
+            b"\x03\0\0\0a\0c",
+            b"\xff\xff\xff\xffabc",
+        ] {
+            assert_eq!(decode_image_id(bad), None, "{bad:?}");
+        }
+        let long = [&70u32.to_le_bytes()[..], &[b'a'; 70][..]].concat();
+        assert_eq!(decode_image_id(&long), None);
+    }
+
+    #[test]
+    fn addresses_lose_their_protocol_prefix() {
+        assert_eq!(plain_addr("v1:127.0.0.2:0/123".into()), "127.0.0.2:0/123");
+        assert_eq!(plain_addr("127.0.0.2:0/123".into()), "127.0.0.2:0/123");
+        let mut raw = [0 as c_char; 256];
+        for (d, s) in raw.iter_mut().zip(b"v1:10.0.0.1:0/7") {
+            *d = *s as c_char;
+        }
+        assert_eq!(plain_addr(c_addr(&raw)), "10.0.0.1:0/7");
     }
 }
