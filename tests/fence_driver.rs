@@ -32,6 +32,8 @@ struct FakeCeph {
     drop_from_ls: bool,
     /// Every call fails as a link without a connection does (a missing conf: ENOENT).
     disconnected: bool,
+    /// How long a blocklist add takes (a monitor commit); 10 ms unless set.
+    add_delay: Option<Duration>,
 }
 
 impl CephPort for FakeCeph {
@@ -74,7 +76,7 @@ impl CephPort for FakeCeph {
     ) -> Result<(), CephError> {
         self.log.lock().unwrap().push(format!("add {entry}"));
         // A monitor commit takes time; overlapping fences must share it.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(self.add_delay.unwrap_or(Duration::from_millis(10))).await;
         if self.fail_add {
             return Err(CephError::new(
                 Op::BlocklistAdd,
@@ -607,6 +609,77 @@ async fn many_vms_of_one_host_share_one_storage_fence_and_one_ssh_session() {
         kills,
         vec!["kill via h3 to h1 x20"],
         "one SSH session for all 20 VMs"
+    );
+}
+
+/// A rack failure's shape: the VMs of one host (one Ceph client holding all their disks) reach
+/// the storage step in waves, while the host's first storage batch is still adding. Later
+/// waves join the running batch that already adds their entry (a group commit), instead of
+/// each wave adding it again; and every kill command of the host runs on its one SSH session,
+/// one after another, instead of opening a session per wave.
+#[tokio::test]
+async fn waves_of_one_host_join_the_running_storage_batch_and_reuse_the_session() {
+    let ceph = FakeCeph {
+        add_delay: Some(Duration::from_millis(80)),
+        ..Default::default()
+    };
+    let s = setup(ceph, |_| killed());
+    let addr = "127.0.0.2:0/4242";
+    let mut reqs = Vec::new();
+    for i in 0..30u32 {
+        let image = format!("rbd/wave{i}");
+        s.engine.ceph.status.lock().unwrap().push((
+            image.clone(),
+            ImageStatus {
+                watchers: vec![],
+                lock_owners: vec![LockOwner {
+                    mode: LockMode::Exclusive,
+                    address: addr.into(),
+                }],
+            },
+        ));
+        reqs.push(FenceRequest {
+            request_id: None,
+            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", 100 + i)
+                .parse()
+                .unwrap(),
+            failed_host: "h1".into(),
+            target_host: "h2".into(),
+            volumes: vec![image.parse().unwrap()],
+            dry_run: false,
+        });
+    }
+    // Three waves of ten: at 0 ms, 40 ms (the first batch is adding) and 400 ms (it is done).
+    let records = futures::future::join_all(reqs.iter().enumerate().map(|(i, r)| {
+        let engine = &s.engine;
+        async move {
+            let wave = [0u64, 40, 400][i / 10];
+            tokio::time::sleep(Duration::from_millis(wave)).await;
+            engine.fence(r).await
+        }
+    }))
+    .await;
+    for r in &records {
+        assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
+    }
+    let log = calls(&s.log);
+    let adds = log.iter().filter(|c| *c == &format!("add {addr}")).count();
+    assert_eq!(
+        adds, 2,
+        "waves 1 and 2 share one add, wave 3 adds again: {log:?}"
+    );
+    let connects = log.iter().filter(|c| c.starts_with("connect")).count();
+    assert_eq!(connects, 1, "one SSH session for the host: {log:?}");
+    let kills: Vec<&String> = log.iter().filter(|c| c.starts_with("kill")).collect();
+    let killed: usize = kills
+        .iter()
+        .map(|k| k.rsplit('x').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(killed, 30, "{kills:?}");
+    assert!(kills.len() <= 3, "{kills:?}");
+    assert!(
+        !log.iter().any(|c| c.starts_with("close")),
+        "the session stays open for the host's next batch: {log:?}"
     );
 }
 

@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,6 +206,10 @@ pub trait FenceObserver: Send + Sync {
 /// share the storage fence), so a short window gathers them into one session.
 pub const KILL_GATHER_WINDOW: Duration = Duration::from_millis(20);
 
+/// How long a kill batch waits at most for the host's storage batches still running (their
+/// VMs then share its scan).
+pub const KILL_STORAGE_WAIT: Duration = Duration::from_millis(500);
+
 /// How long a storage batch stays open for other requests of the same host and scope before
 /// its entries are added: requests for many VMs of one host arrive together, and their entries
 /// then share one monitor proposal and one confirmation.
@@ -220,12 +225,15 @@ type ConnectFuture<S> = Shared<BoxFuture<'static, Arc<Connection<S>>>>;
 
 /// The outcome of opening a session along the route walk.
 enum Connection<S> {
-    /// Verified and logged in; `session` is taken by the kill batch that uses it.
+    /// Verified and logged in. `session` is taken by the kill batch that runs a command on
+    /// it and put back afterwards, so the host's next batch runs on the same session; once
+    /// `retired` (the fence deadline after it connected), it is closed instead.
     Ready {
         executor: Option<String>,
         role: ExecutorRole,
         notes: Vec<String>,
         session: Mutex<Option<S>>,
+        retired: AtomicBool,
     },
     /// No verified session to the failed host.
     Unreachable {
@@ -236,19 +244,28 @@ enum Connection<S> {
 }
 
 impl<S> Connection<S> {
-    /// Connected, and its session already taken by a kill batch.
-    fn taken(fut: &ConnectFuture<S>) -> bool {
-        matches!(fut.peek().map(|c| c.as_ref()), Some(Connection::Ready { session, .. })
-            if session.lock().unwrap_or_else(|p| p.into_inner()).is_none())
+    fn ready(executor: Option<String>, role: ExecutorRole, notes: Vec<String>, s: S) -> Self {
+        Connection::Ready {
+            executor,
+            role,
+            notes,
+            session: Mutex::new(Some(s)),
+            retired: AtomicBool::new(false),
+        }
     }
 
-    /// Still worth joining: connecting, or connected and not used yet.
+    /// Connected and retired.
+    fn spent(fut: &ConnectFuture<S>) -> bool {
+        matches!(fut.peek().map(|c| c.as_ref()),
+            Some(Connection::Ready { retired, .. }) if retired.load(Ordering::Acquire))
+    }
+
+    /// Still worth joining: connecting, or connected and not retired (its session may be in
+    /// use by a batch right now; the host's next batch waits for it).
     fn usable(fut: &ConnectFuture<S>) -> bool {
         match fut.peek().map(|c| c.as_ref()) {
             None => true,
-            Some(Connection::Ready { session, .. }) => {
-                session.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-            }
+            Some(Connection::Ready { retired, .. }) => !retired.load(Ordering::Acquire),
             Some(Connection::Unreachable { .. }) => false,
         }
     }
@@ -268,6 +285,8 @@ struct StorageBatch {
     scope: Scope,
     /// `Some` while the batch is open for joining; taken when its adds start.
     entries: Arc<Mutex<Option<BTreeSet<BlocklistEntry>>>>,
+    /// What it adds and confirms, once it runs.
+    running: Arc<Mutex<BTreeSet<BlocklistEntry>>>,
     fut: StorageFuture,
 }
 
@@ -585,12 +604,14 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         }
     }
 
-    /// The storage fence for `entries` (all of one failed host, of one scope): joins the
-    /// host's open batch of that scope (many VMs of one host share one monitor proposal and
-    /// one confirmation), or opens one. A batch already adding is never joined: its
-    /// confirmation may predate this request's evidence. The batch runs as a shared future
-    /// that every waiter drives, bounded by the blocklist timeout inside, so a waiter that
-    /// gives up does not cancel it for the others.
+    /// The storage fence for `entries` (all of one failed host, of one scope), as a group
+    /// commit per host and scope: joins the host's open batch of that scope, or the running one
+    /// when that one adds every entry asked for (its adds and its confirmation cover them; no
+    /// unfence of the host can run while its fences do), or opens a batch that gathers entries
+    /// until the running one ends. So many VMs of one host share a few monitor proposals and
+    /// confirmations, whenever their requests arrive. A batch runs as a shared future that
+    /// every waiter drives, bounded by the blocklist timeout inside, so a waiter that gives up
+    /// does not cancel it for the others.
     async fn blocklist(
         &self,
         host: String,
@@ -603,23 +624,41 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             let mut hosts = self.hosts();
             let st = hosts.entry(host.clone()).or_default();
             st.storage.retain(|b| b.fut.peek().is_none());
-            let joined = st.storage.iter().find(|b| b.scope == scope).and_then(|b| {
+            let mine = || st.storage.iter().filter(|b| b.scope == scope);
+            let open = mine().find_map(|b| {
                 let mut open = b.entries.lock().unwrap_or_else(|p| p.into_inner());
                 open.as_mut().map(|set| {
                     set.extend(entries.iter().copied());
                     b.fut.clone()
                 })
             });
-            match joined {
+            let covering = || {
+                mine()
+                    .find(|b| {
+                        let running = b.running.lock().unwrap_or_else(|p| p.into_inner());
+                        entries.iter().all(|e| running.contains(e))
+                    })
+                    .map(|b| b.fut.clone())
+            };
+            match open.or_else(covering) {
                 Some(f) => f,
                 None => {
+                    let after: Vec<StorageFuture> = mine().map(|b| b.fut.clone()).collect();
                     let set = Arc::new(Mutex::new(Some(entries.iter().copied().collect())));
-                    let fut = storage_batch(self.ceph.clone(), set.clone(), self.settings)
-                        .boxed()
-                        .shared();
+                    let running = Arc::new(Mutex::new(BTreeSet::new()));
+                    let fut = storage_batch(
+                        self.ceph.clone(),
+                        after,
+                        set.clone(),
+                        running.clone(),
+                        self.settings,
+                    )
+                    .boxed()
+                    .shared();
                     st.storage.push(StorageBatch {
                         scope,
                         entries: set,
+                        running,
                         fut: fut.clone(),
                     });
                     fut
@@ -627,7 +666,8 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             }
         };
         let waited = Instant::now();
-        let budget = self.settings.blocklist_timeout + STORAGE_GATHER_WINDOW + WAITER_SLACK;
+        // Its batch may first wait for the running one; each bounds itself by the timeout.
+        let budget = 2 * self.settings.blocklist_timeout + STORAGE_GATHER_WINDOW + WAITER_SLACK;
         let outcome = bounded(budget, deadline, fut).await;
         let Some(o) = outcome else {
             *stages.entry(Stage::Blocklist).or_default() += waited.elapsed();
@@ -691,13 +731,18 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         )
         .boxed()
         .shared();
-        // A task drives it (nobody may await it for a while) and closes the session if no
-        // kill batch took it within the fence deadline.
+        // A task drives it (nobody may await it for a while) and, the fence deadline after it
+        // connected, retires it: closes the session unless a batch has it (that batch closes
+        // it when done).
         let (killer, linger, driven) = (self.killer.clone(), self.settings.deadline, fut.clone());
         tokio::spawn(async move {
             let c = driven.await;
             tokio::time::sleep(linger).await;
-            if let Connection::Ready { session, .. } = c.as_ref() {
+            if let Connection::Ready {
+                session, retired, ..
+            } = c.as_ref()
+            {
+                retired.store(true, Ordering::Release);
                 let unused = session.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(s) = unused {
                     killer.close(s).await;
@@ -740,14 +785,33 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                         .into_iter()
                         .cloned()
                         .collect();
-                    // This fence's own session attempt, even a failed one: a retry moments
-                    // later would only double the wait.
-                    let connection = match prepared {
-                        Some(c) if !Connection::taken(&c) => c,
+                    // The host's session (shared by its batches, one at a time); else this
+                    // fence's own attempt, even a failed one (a retry moments later would
+                    // only double the wait); else a new one.
+                    let connection = match (&st.connection, prepared) {
+                        (Some(c), _) if Connection::usable(c) => c.clone(),
+                        (_, Some(c)) if !Connection::spent(&c) => c,
                         _ => self.connection_locked(st, failed, target),
                     };
+                    // One batch of the host runs at a time: this one gathers VMs until the
+                    // running one ends, then runs on the session that one hands back.
+                    let running = st
+                        .kill
+                        .as_ref()
+                        .filter(|b| b.fut.peek().is_none())
+                        .map(|b| b.fut.clone());
+                    // The host's storage batches still running: their VMs come to the kill
+                    // step when they end, and join this batch if it waits for them.
+                    let fencing: Vec<StorageFuture> = st
+                        .storage
+                        .iter()
+                        .filter(|b| b.fut.peek().is_none())
+                        .map(|b| b.fut.clone())
+                        .collect();
                     let fut = kill_batch(
                         self.killer.clone(),
+                        running,
+                        fencing,
                         connection,
                         failed.clone(),
                         executors,
@@ -944,17 +1008,26 @@ fn distinct_cover(entry: &BlocklistEntry) -> Option<BlocklistEntry> {
 /// holds. An exact client entry has no distinct cover: it is `Expiring`.
 async fn storage_batch<C: CephPort>(
     ceph: C,
+    after: Vec<StorageFuture>,
     set: Arc<Mutex<Option<BTreeSet<BlocklistEntry>>>>,
+    running: Arc<Mutex<BTreeSet<BlocklistEntry>>>,
     settings: FenceSettings,
 ) -> Arc<StorageOutcome> {
+    // Gather while the host's running batch of this scope runs (bounded: it bounds itself).
+    join_all(after).await;
     tokio::time::sleep(STORAGE_GATHER_WINDOW).await;
-    let entries: Vec<BlocklistEntry> = set
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
+    let entries: Vec<BlocklistEntry> = {
+        let taken = set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone_from(&taken);
+        taken.into_iter().collect()
+    };
     let mut out = StorageOutcome {
         entries: HashMap::new(),
         osdmap_epoch: 0,
@@ -1241,12 +1314,7 @@ async fn connect_route<K: KillPort>(
             };
             match result {
                 Ok(session) => {
-                    return Arc::new(Connection::Ready {
-                        executor: Some(jump),
-                        role,
-                        notes,
-                        session: Mutex::new(Some(session)),
-                    });
+                    return Arc::new(Connection::ready(Some(jump), role, notes, session));
                 }
                 Err(e) if e.peer().is_none_or(|p| p.host_uuid == jump) => {
                     notes.push(format!("via {jump}: {e}"));
@@ -1263,12 +1331,12 @@ async fn connect_route<K: KillPort>(
         }
     }
     match killer.connect(Route::Direct(&failed_t)).await {
-        Ok(session) => Arc::new(Connection::Ready {
-            executor: None,
-            role: ExecutorRole::Direct,
+        Ok(session) => Arc::new(Connection::ready(
+            None,
+            ExecutorRole::Direct,
             notes,
-            session: Mutex::new(Some(session)),
-        }),
+            session,
+        )),
         Err(e) => {
             notes.push(format!("direct: {e}"));
             Arc::new(Connection::Unreachable {
@@ -1296,16 +1364,28 @@ async fn via<K: KillPort>(
     (jump_t.host_uuid.clone(), *role, r)
 }
 
-/// One kill command for every VM that joins within [`KILL_GATHER_WINDOW`], on the host's
-/// session (opened while the fence ran its earlier steps; a new one if another batch took it).
+/// One kill command for every VM that joins the batch: while the host's previous batch runs,
+/// its storage batches still running end (at most [`KILL_STORAGE_WAIT`]), and for
+/// [`KILL_GATHER_WINDOW`] after; then on the host's session (opened while the fence
+/// ran its earlier steps, and handed back by the previous batch); on a new one only when
+/// that session is gone. A session that answered is handed back for the next batch.
+#[allow(clippy::too_many_arguments)]
 async fn kill_batch<K: KillPort>(
     killer: K,
+    running: Option<KillFuture>,
+    fencing: Vec<StorageFuture>,
     connection: ConnectFuture<K::Session>,
     failed: Host,
     executors: Vec<Host>,
     target: String,
     vms: Arc<Mutex<Option<Vec<VmUuid>>>>,
 ) -> Arc<BatchOutcome> {
+    if let Some(previous) = running {
+        let _ = previous.await;
+    }
+    // Each scan reads every process of the host: a few VMs later in one scan costs less than
+    // a second scan. Bounded, so a slow monitor does not hold up the VMs already fenced.
+    let _ = tokio::time::timeout(KILL_STORAGE_WAIT, join_all(fencing)).await;
     tokio::time::sleep(KILL_GATHER_WINDOW).await;
     let vms = vms
         .lock()
@@ -1313,23 +1393,21 @@ async fn kill_batch<K: KillPort>(
         .take()
         .unwrap_or_default();
     let mut conn = connection.await;
-    let taken = match conn.as_ref() {
+    let take = |c: &Connection<K::Session>| match c {
         Connection::Ready { session, .. } => {
             session.lock().unwrap_or_else(|p| p.into_inner()).take()
         }
         Connection::Unreachable { .. } => None,
     };
-    let session = match taken {
+    let mut shared = true;
+    let session = match take(conn.as_ref()) {
         Some(s) => Some(s),
         None if matches!(conn.as_ref(), Connection::Ready { .. }) => {
-            // Another batch is using that session: open one for this batch.
+            // The session is gone (retired, or an earlier batch's command failed on it):
+            // open one for this batch alone.
+            shared = false;
             conn = connect_route(killer.clone(), failed, executors, target).await;
-            match conn.as_ref() {
-                Connection::Ready { session, .. } => {
-                    session.lock().unwrap_or_else(|p| p.into_inner()).take()
-                }
-                Connection::Unreachable { .. } => None,
-            }
+            take(conn.as_ref())
         }
         None => None,
     };
@@ -1339,12 +1417,24 @@ async fn kill_batch<K: KillPort>(
                 executor,
                 role,
                 notes,
-                ..
+                session: slot,
+                retired,
             },
             Some(session),
         ) => {
             let result = killer.kill(&session, &vms).await;
-            killer.close(session).await;
+            if result.is_ok() && shared && !retired.load(Ordering::Acquire) {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                // Retired meanwhile: the linger task may have missed it; close it here.
+                if retired.load(Ordering::Acquire) {
+                    let left = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(s) = left {
+                        killer.close(s).await;
+                    }
+                }
+            } else {
+                killer.close(session).await;
+            }
             match result {
                 Ok(list) => Arc::new(BatchOutcome::Reports {
                     executor: executor.clone(),
