@@ -108,8 +108,9 @@ const UUID_SLOT: &str = "@VM_UUIDS@";
 /// only variable part.
 ///
 /// Scan (once for the whole batch): first the script refuses to answer unless `/proc/2/comm` is
-/// `kthreadd` (it sees the host's initial PID namespace, not a container's). Every process
-/// whose command line can be opened is a candidate, whatever its binary is called. The
+/// `kthreadd` (it sees the host's initial PID namespace, not a container's). Every process is
+/// a candidate, whatever its binary is called (the list is one glob of `/proc`, no file opened
+/// per process; one whose command line cannot be read is counted below). The
 /// candidates are matched on their argv: the argument after each `-uuid`/`--uuid`, and each
 /// comma-separated `uuid=` field of the argument after each `-smbios`/`--smbios`, is looked
 /// up, with A–F lowercased, as a whole word of `U` — so the value is exactly one requested
@@ -158,16 +159,7 @@ x=
 read -r x 2>/dev/null <"/proc/$$/cmdline"
 case $x in /bin/sh*) ;; *) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
 C=
-for d in /proc/[0-9]*; do
-  p=${d#/proc/}
-  if [ "$p" != "$$" ]; then
-    if ! true 2>/dev/null <"$d/cmdline"; then
-      [ -d "$d" ] && r="$r $p"
-      continue
-    fi
-  fi
-  C="$C $p"
-done
+for d in /proc/[0-9]*; do C="$C ${d#/proc/}"; done
 ok=
 if w=$(LC_ALL=C awk -v u="$U" -v me="$$" -f /dev/stdin $C 2>/dev/null <<\AWK
 BEGIN {
