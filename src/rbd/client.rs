@@ -21,6 +21,11 @@ use super::ioctx::IoCtx;
 /// fire first and give the better error.
 const MARGIN: Duration = Duration::from_secs(2);
 
+/// OSD calls (image headers, ledger objects) running at once on blocking threads, at most.
+/// Each blocks its thread for an OSD round trip; a burst of a thousand fences would otherwise
+/// pin hundreds of threads (memory and context switches) for no more throughput.
+pub const OSD_CALLS_AT_ONCE: usize = 32;
+
 /// Header objects located, kept at most (the map is emptied when it is full): a few hundred
 /// bytes each, whatever the number of images ever seen.
 const HEADER_CACHE_MAX: usize = 4096;
@@ -48,6 +53,7 @@ pub struct Ceph {
     /// The one `rados_wait_for_latest_osdmap` in flight, and when it started.
     osdmap_wait: Arc<Mutex<Option<(Instant, OsdmapWait)>>>,
     headers: Arc<HeaderCache>,
+    osd_slots: Arc<tokio::sync::Semaphore>,
     bound: Duration,
     observer: Option<CallObserver>,
 }
@@ -67,6 +73,7 @@ impl Ceph {
             pools: Arc::default(),
             osdmap_wait: Arc::default(),
             headers: Arc::default(),
+            osd_slots: Arc::new(tokio::sync::Semaphore::new(OSD_CALLS_AT_ONCE)),
             bound,
             observer: None,
         })
@@ -98,7 +105,8 @@ impl Ceph {
             op,
             done: false,
         });
-        let r = bounded(op, target, self.bound, move || f(&rados)).await;
+        let slots = op.is_osd().then(|| self.osd_slots.clone());
+        let r = bounded_with(op, target, self.bound, slots, move || f(&rados)).await;
         if let Some(mut g) = finish {
             g.done = true;
             (g.obs)(op, CallEvent::Finished(r.as_ref().map(|_| ())));
@@ -414,7 +422,34 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, CephError> + Send + 'static,
 {
-    match tokio::time::timeout(bound, tokio::task::spawn_blocking(f)).await {
+    bounded_with(op, target, bound, None, f).await
+}
+
+/// As [`bounded`], first taking one of `slots` (waiting for it counts toward `bound`); the
+/// slot is freed when the blocking work ends, even if the caller gave up before.
+async fn bounded_with<T, F>(
+    op: Op,
+    target: String,
+    bound: Duration,
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    f: F,
+) -> Result<T, CephError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, CephError> + Send + 'static,
+{
+    let run = async move {
+        let permit = match slots {
+            Some(s) => s.acquire_owned().await.ok(),
+            None => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let _slot = permit;
+            f()
+        })
+        .await
+    };
+    match tokio::time::timeout(bound, run).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(CephError::new(
             op,

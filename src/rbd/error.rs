@@ -80,6 +80,21 @@ impl Op {
     }
 }
 
+impl Op {
+    /// A call served by the OSDs (object reads and writes), not the monitors.
+    pub fn is_osd(self) -> bool {
+        matches!(
+            self,
+            Op::LocateImage
+                | Op::ReadHeader
+                | Op::ObjectWrite
+                | Op::ObjectRead
+                | Op::ObjectList
+                | Op::ObjectLock
+        )
+    }
+}
+
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
