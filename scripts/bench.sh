@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a benchmark (default: all) against a micro Ceph cluster started here (or the one named
-# by RBDFENCE_TEST_CLUSTER). Figures go to stdout.  Usage: scripts/bench.sh [watchers]
+# by RBDFENCE_TEST_CLUSTER). Figures go to stdout.
+# Usage: scripts/bench.sh [watchers] [fence] [service] [rack]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"

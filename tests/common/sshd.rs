@@ -330,6 +330,9 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
         .port()
 }
 
+/// `SetEnv SHLVL=1`: bash, root's login shell here, sources `~/.bashrc` for a command run by
+/// sshd unless SHLVL says it is nested; this machine's root `.bashrc` runs `pyenv init`, which
+/// costs ~0.2 s of CPU per command and is no part of a hypervisor's fence.
 fn write_config(dir: &Path, addr: SocketAddr) -> PathBuf {
     let d = dir.display();
     let conf = format!(
@@ -347,6 +350,7 @@ fn write_config(dir: &Path, addr: SocketAddr) -> PathBuf {
          UseDNS no\n\
          PrintMotd no\n\
          MaxStartups 100\n\
+         SetEnv SHLVL=1\n\
          LogLevel DEBUG1\n"
     );
     let path = dir.join("sshd_config");
