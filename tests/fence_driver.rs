@@ -34,6 +34,8 @@ struct FakeCeph {
     disconnected: bool,
     /// How long a blocklist add takes (a monitor commit); 10 ms unless set.
     add_delay: Option<Duration>,
+    /// Images whose name contains "slow" answer after this long.
+    slow_status: Option<Duration>,
 }
 
 impl CephPort for FakeCeph {
@@ -42,6 +44,9 @@ impl CephPort for FakeCeph {
     }
     async fn image_status(&self, spec: &ImageSpec) -> Result<ImageStatus, CephError> {
         self.log.lock().unwrap().push(format!("status {spec}"));
+        if let Some(d) = self.slow_status.filter(|_| spec.image.contains("slow")) {
+            tokio::time::sleep(d).await;
+        }
         if self.hang_status {
             std::future::pending::<()>().await;
         }
@@ -681,6 +686,56 @@ async fn waves_of_one_host_join_the_running_storage_batch_and_reuse_the_session(
         !log.iter().any(|c| c.starts_with("close")),
         "the session stays open for the host's next batch: {log:?}"
     );
+}
+
+/// Many VMs of one host, each with its own client, whose evidence comes back at different
+/// times (half of them 40 ms later): the host's storage batch waits for the fences still
+/// gathering evidence, so all their entries share one confirmation, and their kills one batch.
+#[tokio::test]
+async fn a_storage_batch_waits_for_the_hosts_fences_still_gathering_evidence() {
+    let ceph = FakeCeph {
+        slow_status: Some(Duration::from_millis(40)),
+        ..Default::default()
+    };
+    let s = setup(ceph, |_| killed());
+    let mut reqs = Vec::new();
+    for i in 0..20u32 {
+        let image = if i % 2 == 0 {
+            format!("rbd/fast{i}")
+        } else {
+            format!("rbd/slow{i}")
+        };
+        let addr = format!("127.0.0.2:0/{}", 2000 + i);
+        s.engine.ceph.status.lock().unwrap().push((
+            image.clone(),
+            ImageStatus {
+                watchers: vec![],
+                lock_owners: vec![LockOwner {
+                    mode: LockMode::Exclusive,
+                    address: addr,
+                }],
+            },
+        ));
+        reqs.push(FenceRequest {
+            request_id: None,
+            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", 200 + i)
+                .parse()
+                .unwrap(),
+            failed_host: "h1".into(),
+            target_host: "h2".into(),
+            volumes: vec![image.parse().unwrap()],
+            dry_run: false,
+        });
+    }
+    let records = futures::future::join_all(reqs.iter().map(|r| s.engine.fence(r))).await;
+    for r in &records {
+        assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
+    }
+    let log = calls(&s.log);
+    let confirmations = log.iter().filter(|c| *c == "wait-osdmap").count();
+    assert_eq!(confirmations, 1, "one storage batch for the host: {log:?}");
+    let kills: Vec<&String> = log.iter().filter(|c| c.starts_with("kill")).collect();
+    assert_eq!(kills, vec!["kill via h3 to h1 x20"], "{log:?}");
 }
 
 #[tokio::test]

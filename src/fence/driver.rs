@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,11 @@ pub const KILL_GATHER_WINDOW: Duration = Duration::from_millis(20);
 /// VMs then share its scan).
 pub const KILL_STORAGE_WAIT: Duration = Duration::from_millis(500);
 
+/// How long a storage batch about to start waits at most for other fences of the host that
+/// are still gathering evidence (they join it instead of needing the next one; their kills
+/// then share one batch too).
+pub const GATHER_EVIDENCE_WAIT: Duration = Duration::from_millis(100);
+
 /// How long a storage batch stays open for other requests of the same host and scope before
 /// its entries are added: requests for many VMs of one host arrive together, and their entries
 /// then share one monitor proposal and one confirmation.
@@ -324,6 +329,9 @@ struct HostState<S> {
     storage: Vec<StorageBatch>,
     kill: Option<KillBatch>,
     connection: Option<ConnectFuture<S>>,
+    /// Fences of the host gathering evidence right now: they will come to its storage and
+    /// kill batches soon, and a batch about to start waits a little for them.
+    gathering: Arc<AtomicUsize>,
 }
 
 impl<S> Default for HostState<S> {
@@ -332,7 +340,32 @@ impl<S> Default for HostState<S> {
             storage: Vec::new(),
             kill: None,
             connection: None,
+            gathering: Arc::default(),
         }
+    }
+}
+
+/// Counts one fence as gathering evidence for its host while it lives.
+struct Gathering(Arc<AtomicUsize>);
+
+impl Gathering {
+    fn new(count: Arc<AtomicUsize>) -> Gathering {
+        count.fetch_add(1, Ordering::AcqRel);
+        Gathering(count)
+    }
+}
+
+impl Drop for Gathering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits, at most `limit`, until no fence of the host is gathering evidence.
+async fn until_gathered(count: &AtomicUsize, limit: Duration) {
+    let until = Instant::now() + limit;
+    while count.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -436,6 +469,13 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             match next_step(&ctx, &obs) {
                 Step::GatherEvidence => {
                     let t = Instant::now();
+                    let _counted = Gathering::new(
+                        self.hosts()
+                            .entry(req.failed_host.clone())
+                            .or_default()
+                            .gathering
+                            .clone(),
+                    );
                     obs.evidence = Some(self.gather(&req.volumes, deadline).await);
                     stages.insert(Stage::Evidence, t.elapsed());
                 }
@@ -649,6 +689,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                     let fut = storage_batch(
                         self.ceph.clone(),
                         after,
+                        st.gathering.clone(),
                         set.clone(),
                         running.clone(),
                         self.settings,
@@ -667,7 +708,10 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         };
         let waited = Instant::now();
         // Its batch may first wait for the running one; each bounds itself by the timeout.
-        let budget = 2 * self.settings.blocklist_timeout + STORAGE_GATHER_WINDOW + WAITER_SLACK;
+        let budget = 2 * self.settings.blocklist_timeout
+            + STORAGE_GATHER_WINDOW
+            + GATHER_EVIDENCE_WAIT
+            + WAITER_SLACK;
         let outcome = bounded(budget, deadline, fut).await;
         let Some(o) = outcome else {
             *stages.entry(Stage::Blocklist).or_default() += waited.elapsed();
@@ -1006,16 +1050,20 @@ fn distinct_cover(entry: &BlocklistEntry) -> Option<BlocklistEntry> {
 /// without a moment uncovered, by a distinct covering entry ([`distinct_cover`]); when that one
 /// exists and is short too, the original is removed and added again while the cover still
 /// holds. An exact client entry has no distinct cover: it is `Expiring`.
+#[allow(clippy::too_many_arguments)]
 async fn storage_batch<C: CephPort>(
     ceph: C,
     after: Vec<StorageFuture>,
+    gathering: Arc<AtomicUsize>,
     set: Arc<Mutex<Option<BTreeSet<BlocklistEntry>>>>,
     running: Arc<Mutex<BTreeSet<BlocklistEntry>>>,
     settings: FenceSettings,
 ) -> Arc<StorageOutcome> {
-    // Gather while the host's running batch of this scope runs (bounded: it bounds itself).
+    // Gather while the host's running batch of this scope runs (bounded: it bounds itself),
+    // for the window, and while other fences of the host still gather evidence (bounded).
     join_all(after).await;
     tokio::time::sleep(STORAGE_GATHER_WINDOW).await;
+    until_gathered(&gathering, GATHER_EVIDENCE_WAIT).await;
     let entries: Vec<BlocklistEntry> = {
         let taken = set
             .lock()
