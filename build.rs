@@ -44,7 +44,6 @@ const TYPES: &[&str] = &[
     "rados_write_op_t",
     "rados_list_ctx_t",
     "rbdfence_watcher",
-    "rbdfence_locker",
 ];
 
 const VARS: &[&str] = &[

@@ -3,9 +3,10 @@
 // The header object's watchers are the image's watchers (what `rbd status` shows) and the
 // holders of its `rbd_lock` are the exclusive-lock owners, so the image is never opened
 // (librbd's ImageCtx costs ~0.4 MiB and ~1.5 ms of CPU per image). librados has no C call
-// for an object's watchers; here they are listed asynchronously, together with a read of the
-// image's `rbd_id` object (to check that the name still leads to this header), while the
-// lock holders are listed: three OSD ops at once, on one thread, for one round trip.
+// for an object's watchers. Here one compound op on the header lists them and reads the
+// lock's record (the xattr the lock class keeps, decoded by the caller), while a read of the
+// image's `rbd_id` object (does the name still lead to this header?) is in flight: two OSD
+// ops at once, for one round trip.
 //
 // The C side hands us its rados_ioctx_t; we wrap it, ask, and copy the answers into
 // rbdfence's own structs, whose layout is asserted below against the system's obj_watch_t.
@@ -56,20 +57,14 @@ struct InFlight {
   }
 };
 
-void copy_str(char *dst, size_t cap, const std::string &src) {
-  size_t n = src.size() < cap - 1 ? src.size() : cap - 1;
-  std::memcpy(dst, src.data(), n);
-  dst[n] = '\0';
-}
-
-int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
+int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,
                 const char *id_oid, char *id, size_t *id_len, int *id_result,
-                struct rbdfence_watcher *watchers, size_t *n_watchers,
-                struct rbdfence_locker *lockers, size_t *n_lockers, int *exclusive) {
+                struct rbdfence_watcher *watchers, size_t *n_watchers, char *lock,
+                size_t *lock_len, int *lock_result) {
   librados::IoCtx ioctx;
   librados::IoCtx::from_rados_ioctx_t(io, ioctx);
 
-  // 1. The image's id, when asked: is the header still this name's?
+  // 1. The image's id, when asked: is the header still this name's? (In flight meanwhile.)
   librados::bufferlist id_bl;
   InFlight id_op;
   if (id_oid != nullptr) {
@@ -81,25 +76,18 @@ int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
     }
   }
 
-  // 2. The watchers of the header.
+  // 2. One compound op on the header: its watchers, and the lock's record (the xattr the
+  //    lock class keeps; missing when no lock was ever taken, which must not fail the op).
   std::list<obj_watch_t> watch_list;
   int watch_rval = 0;
+  librados::bufferlist lock_bl;
+  int lock_rval = 0;
   librados::ObjectReadOperation op;
   op.list_watchers(&watch_list, &watch_rval);
-  InFlight watch_op;
-  int r = ioctx.aio_operate(header_oid, watch_op.c, &op, nullptr);
-  if (r < 0) {
-    return r;
-  }
-  watch_op.started = true;
+  op.getxattr(lock_xattr, &lock_bl, &lock_rval);
+  op.set_op_flags2(librados::OP_FAILOK);
+  int r = ioctx.operate(header_oid, &op, nullptr);
 
-  // 3. Meanwhile, the holders of the lock (synchronous: librados has no asynchronous form).
-  int excl = 0;
-  std::string tag;
-  std::list<librados::locker_t> locker_list;
-  int lock_r = ioctx.list_lockers(header_oid, lock_name, &excl, &tag, &locker_list);
-
-  int watch_r = watch_op.wait();
   if (id_op.started) {
     int rr = id_op.wait();
     *id_result = rr < 0 ? rr : 0;
@@ -109,22 +97,15 @@ int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
       *id_len = n;
     }
   }
-  if (watch_r < 0) {
-    return watch_r;
+  if (r < 0) {
+    return r;
   }
   if (watch_rval < 0) {
     return watch_rval;
   }
-  // No lock was ever taken on the header: nobody holds one.
-  if (lock_r == -ENOENT) {
-    locker_list.clear();
-    excl = 0;
-  } else if (lock_r < 0) {
-    return lock_r;
-  }
-  if (watch_list.size() > *n_watchers || locker_list.size() > *n_lockers) {
+  if (watch_list.size() > *n_watchers || (lock_rval >= 0 && lock_bl.length() > *lock_len)) {
     *n_watchers = watch_list.size();
-    *n_lockers = locker_list.size();
+    *lock_len = lock_bl.length();
     return -ERANGE;
   }
   size_t i = 0;
@@ -137,33 +118,32 @@ int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
     ++i;
   }
   *n_watchers = i;
-  i = 0;
-  for (const librados::locker_t &l : locker_list) {
-    copy_str(lockers[i].addr, sizeof(lockers[i].addr), l.address);
-    ++i;
+  *lock_result = lock_rval < 0 ? lock_rval : 0;
+  if (lock_rval >= 0) {
+    lock_bl.begin().copy(lock_bl.length(), lock);
+    *lock_len = lock_bl.length();
+  } else {
+    *lock_len = 0;
   }
-  *n_lockers = i;
-  *exclusive = excl;
   return 0;
 }
 
 }  // namespace
 
 extern "C" int rbdfence_read_header(rados_ioctx_t io, const char *header_oid,
-                                    const char *lock_name, const char *id_oid, char *id,
+                                    const char *lock_xattr, const char *id_oid, char *id,
                                     size_t *id_len, int *id_result,
                                     struct rbdfence_watcher *watchers, size_t *n_watchers,
-                                    struct rbdfence_locker *lockers, size_t *n_lockers,
-                                    int *exclusive) {
-  if (io == nullptr || header_oid == nullptr || lock_name == nullptr || n_watchers == nullptr ||
-      n_lockers == nullptr || exclusive == nullptr || (watchers == nullptr && *n_watchers > 0) ||
-      (lockers == nullptr && *n_lockers > 0) ||
+                                    char *lock, size_t *lock_len, int *lock_result) {
+  if (io == nullptr || header_oid == nullptr || lock_xattr == nullptr ||
+      n_watchers == nullptr || lock_len == nullptr || lock_result == nullptr ||
+      (watchers == nullptr && *n_watchers > 0) || (lock == nullptr && *lock_len > 0) ||
       (id_oid != nullptr && (id == nullptr || id_len == nullptr || id_result == nullptr))) {
     return -EINVAL;
   }
   try {
-    return read_header(io, header_oid, lock_name, id_oid, id, id_len, id_result, watchers,
-                       n_watchers, lockers, n_lockers, exclusive);
+    return read_header(io, header_oid, lock_xattr, id_oid, id, id_len, id_result, watchers,
+                       n_watchers, lock, lock_len, lock_result);
   } catch (const std::bad_alloc &) {
     return -ENOMEM;
   } catch (...) {

@@ -100,22 +100,19 @@ struct rbdfence_watcher {
   uint64_t cookie;          /* watch cookie */
   uint32_t timeout_seconds; /* the watch's timeout */
 };
-/* One holder of a lock on an object: its entity address, NUL-terminated. */
-struct rbdfence_locker {
-  char addr[256];
-};
-/* One look at an image's header object header_oid, three OSD ops at once: its watchers (at
- * most *n_watchers into watchers), the holders of lock lock_name (at most *n_lockers into
- * lockers; *exclusive set when the lock is exclusive; none when no lock was ever taken), and,
- * when id_oid is not NULL, the first *id_len bytes of object id_oid into id (*id_len set to
- * the number read, *id_result to 0 or -errno). Returns 0 with the counts set; -ERANGE with
- * *n_watchers and *n_lockers set to the numbers there are when an array is too short; else
- * the -errno of the watcher or locker listing (-ENOENT: no such header object). Every op is
+/* One look at an image's header object header_oid, two OSD ops at once: a compound op on
+ * the header listing its watchers (at most *n_watchers into watchers) and reading its xattr
+ * lock_xattr (the lock class's record of a lock, at most *lock_len bytes into lock; *lock_len
+ * set to its length, *lock_result to 0, or to -ENODATA when no lock was ever taken), and,
+ * when id_oid is not NULL, a read of the first *id_len bytes of object id_oid into id
+ * (*id_len set to the number read, *id_result to 0 or -errno). Returns 0 with the counts
+ * set; -ERANGE with *n_watchers and *lock_len set to what is needed when a buffer is too
+ * short; else the -errno of the header op (-ENOENT: no such header object). Every op is
  * bounded by the connection's rados_osd_op_timeout. */
-int rbdfence_read_header(rados_ioctx_t io, const char *header_oid, const char *lock_name,
+int rbdfence_read_header(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,
                          const char *id_oid, char *id, size_t *id_len, int *id_result,
-                         struct rbdfence_watcher *watchers, size_t *n_watchers,
-                         struct rbdfence_locker *lockers, size_t *n_lockers, int *exclusive);
+                         struct rbdfence_watcher *watchers, size_t *n_watchers, char *lock,
+                         size_t *lock_len, int *lock_result);
 
 #ifdef __cplusplus
 }

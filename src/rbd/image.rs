@@ -13,6 +13,7 @@ use super::addr::EntityAddr;
 use super::error::{CephError, Op};
 use super::ffi;
 use super::ioctx::IoCtx;
+use super::lock_info;
 
 /// Retries of a sizing loop before giving up: the list can only grow between two calls if
 /// clients keep arriving, and a bound keeps a pathological image from spinning forever.
@@ -146,8 +147,9 @@ pub struct ImageStatus {
     pub lock_owners: Vec<LockOwner>,
 }
 
-/// The lock librbd's exclusive-lock feature (and `rbd lock add`) takes on the header object.
-const RBD_LOCK_NAME: &CStr = c"rbd_lock";
+/// The lock librbd's exclusive-lock feature (and `rbd lock add`) takes on the header object,
+/// as the lock class records it: an xattr of the object.
+const RBD_LOCK_XATTR: &CStr = c"lock.rbd_lock";
 
 /// The longest image id we accept from an `rbd_id.<name>` object (librbd makes them 10-20 hex
 /// digits); a longer or odd one is refused rather than used in an object name.
@@ -246,12 +248,12 @@ impl HeaderObject {
     ///
     /// Implements: `rbdfence_read_header` (our shim over librados' C++ API).
     pub fn read(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
-        let (mut wcap, mut lcap) = (8usize, 4usize);
+        let (mut wcap, mut lcap) = (8usize, 512usize);
         for _ in 0..MAX_SIZING_ATTEMPTS {
             let mut watchers: Vec<ffi::rbdfence_watcher> = Vec::with_capacity(wcap);
-            let mut lockers: Vec<ffi::rbdfence_locker> = Vec::with_capacity(lcap);
+            let mut lock = vec![0u8; lcap];
             let (mut nw, mut nl) = (wcap, lcap);
-            let mut exclusive: c_int = 0;
+            let mut lock_result: c_int = 0;
             let mut id = [0u8; ID_OBJECT_MAX];
             let mut id_len = id.len();
             let mut id_result: c_int = 0;
@@ -260,23 +262,24 @@ impl HeaderObject {
             } else {
                 std::ptr::null()
             };
-            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated names; each array
-            // has room for the count passed with it, and `id` for `id_len` bytes; the shim
-            // writes within those and sets the counts to what it wrote.
+            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated names; the
+            // watcher array has room for `nw` entries, `lock` for `nl` bytes and `id` for
+            // `id_len` bytes; the shim writes within those and sets the counts to what it
+            // wrote.
             let r = unsafe {
                 ffi::rbdfence_read_header(
                     self.ioctx.as_ptr(),
                     self.oid.as_ptr(),
-                    RBD_LOCK_NAME.as_ptr(),
+                    RBD_LOCK_XATTR.as_ptr(),
                     id_oid,
                     id.as_mut_ptr().cast::<c_char>(),
                     &mut id_len,
                     &mut id_result,
                     watchers.as_mut_ptr(),
                     &mut nw,
-                    lockers.as_mut_ptr(),
+                    lock.as_mut_ptr().cast::<c_char>(),
                     &mut nl,
-                    &mut exclusive,
+                    &mut lock_result,
                 )
             };
             if r == -libc::ERANGE {
@@ -292,15 +295,22 @@ impl HeaderObject {
                     "",
                 ));
             }
-            // SAFETY: the shim initialised the first `nw` (<= wcap) and `nl` (<= lcap) entries.
-            unsafe {
-                watchers.set_len(nw.min(wcap));
-                lockers.set_len(nl.min(lcap));
-            }
-            let mode = if exclusive != 0 {
-                LockMode::Exclusive
-            } else {
-                LockMode::Shared
+            // SAFETY: the shim initialised the first `nw` (<= wcap) entries.
+            unsafe { watchers.set_len(nw.min(wcap)) };
+            let lock_owners = match lock_result {
+                0 => lock_info::decode(&lock[..nl.min(lcap)]).map_err(|why| {
+                    CephError::new(Op::ReadHeader, &self.spec, libc::EBADMSG, why)
+                })?,
+                // No lock was ever taken on the header: nobody holds one.
+                e if e == -libc::ENODATA || e == -libc::ENOENT => Vec::new(),
+                e => {
+                    return Err(CephError::from_code(
+                        Op::ReadHeader,
+                        &self.spec,
+                        e.into(),
+                        "reading the lock record",
+                    ));
+                }
             };
             let status = ImageStatus {
                 watchers: watchers
@@ -311,13 +321,7 @@ impl HeaderObject {
                         cookie: w.cookie,
                     })
                     .collect(),
-                lock_owners: lockers
-                    .iter()
-                    .map(|l| LockOwner {
-                        mode,
-                        address: plain_addr(c_addr(&l.addr)),
-                    })
-                    .collect(),
+                lock_owners,
             };
             let checked = if !check {
                 HeaderCheck::NotChecked
@@ -338,7 +342,7 @@ impl HeaderObject {
             Op::ReadHeader,
             &self.spec,
             libc::ERANGE,
-            "watcher or locker list kept growing",
+            "watcher list or lock record kept growing",
         ))
     }
 }

@@ -29,6 +29,7 @@ pub mod errno;
 mod error;
 mod image;
 mod ioctx;
+mod lock_info;
 mod object;
 
 pub use addr::{AddrError, BlocklistEntry, Cidr, EntityAddr};
