@@ -36,6 +36,9 @@ const FUNCTIONS: &[&str] = &[
     "rados_lock_exclusive",
     "rados_unlock",
     "rbdfence_read_header",
+    "rbdfence_read_header_start",
+    "rbdfence_header_read_result",
+    "rbdfence_header_read_free",
 ];
 
 const TYPES: &[&str] = &[
@@ -44,6 +47,8 @@ const TYPES: &[&str] = &[
     "rados_write_op_t",
     "rados_list_ctx_t",
     "rbdfence_watcher",
+    "rbdfence_header_read",
+    "rbdfence_read_done",
 ];
 
 const VARS: &[&str] = &[

@@ -114,6 +114,24 @@ int rbdfence_read_header(rados_ioctx_t io, const char *header_oid, const char *l
                          struct rbdfence_watcher *watchers, size_t *n_watchers, char *lock,
                          size_t *lock_len, int *lock_result);
 
+/* The same look, asynchronous. rbdfence_read_header_start starts the two ops and returns 0;
+ * done(arg, read) is then called exactly once, from a librados thread (or from this one, when
+ * the ops ended at once), when both have ended. The caller copies the answers with
+ * rbdfence_header_read_result (its arguments and -ERANGE as for rbdfence_read_header; *id_len
+ * is set to the bytes read of at most id_max, *id_result to -ENOENT when id_oid was NULL) as
+ * often as it needs, then frees it with rbdfence_header_read_free. A start that returns
+ * -errno calls done never. */
+struct rbdfence_header_read;
+typedef void (*rbdfence_read_done)(void *arg, struct rbdfence_header_read *read);
+int rbdfence_read_header_start(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,
+                               const char *id_oid, size_t id_max, rbdfence_read_done done,
+                               void *arg);
+int rbdfence_header_read_result(struct rbdfence_header_read *read, char *id, size_t *id_len,
+                                int *id_result, struct rbdfence_watcher *watchers,
+                                size_t *n_watchers, char *lock, size_t *lock_len,
+                                int *lock_result);
+void rbdfence_header_read_free(struct rbdfence_header_read *read);
+
 #ifdef __cplusplus
 }
 #endif

@@ -130,26 +130,59 @@ impl Ceph {
             .get(spec)
             .cloned();
         if let Some(known) = known {
-            let checked = self
-                .call(Op::ReadHeader, spec.to_string(), move |_| {
-                    match known.read(true) {
-                        Ok((status, HeaderCheck::Same)) => Ok(Some(status)),
-                        // Renamed over, replaced or removed: look it up again below.
-                        Ok(_) => Ok(None),
-                        Err(e) if e.is_not_found() => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                })
-                .await?;
+            let checked = match self
+                .observed(Op::ReadHeader, spec, known.read_async(true))
+                .await
+            {
+                Ok((status, HeaderCheck::Same)) => Some(status),
+                // Renamed over, replaced or removed: look it up again below.
+                Ok(_) => None,
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            };
             if let Some(status) = checked {
                 return Ok(status);
             }
         }
         let header = self.locate(spec).await?;
-        self.call(Op::ReadHeader, spec.to_string(), move |_| {
-            header.read(false).map(|(status, _)| status)
-        })
-        .await
+        self.observed(Op::ReadHeader, spec, header.read_async(false))
+            .await
+            .map(|(status, _)| status)
+    }
+
+    /// An asynchronous call (no blocking thread), bounded and told to the observer like
+    /// [`Ceph::call`].
+    async fn observed<T>(
+        &self,
+        op: Op,
+        spec: &ImageSpec,
+        fut: impl std::future::Future<Output = Result<T, CephError>>,
+    ) -> Result<T, CephError> {
+        if let Some(obs) = &self.observer {
+            obs(op, CallEvent::Started);
+        }
+        let finish = self.observer.as_ref().map(|obs| FinishGuard {
+            obs: obs.clone(),
+            op,
+            done: false,
+        });
+        let r = match tokio::time::timeout(self.bound, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(CephError::new(
+                op,
+                spec.to_string(),
+                libc::ETIMEDOUT,
+                format!(
+                    "no answer from Ceph within {:.1} s",
+                    self.bound.as_secs_f64()
+                ),
+            )),
+        };
+        if let Some(mut g) = finish {
+            g.done = true;
+            (g.obs)(op, CallEvent::Finished(r.as_ref().map(|_| ())));
+        }
+        r
     }
 
     /// The header object of `spec`, looked up afresh (and remembered for the next read).

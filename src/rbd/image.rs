@@ -347,6 +347,197 @@ impl HeaderObject {
     }
 }
 
+impl HeaderObject {
+    /// [`HeaderObject::read`] without a blocking thread: the ops are started and the future
+    /// waits for librados to call back. Dropping the future leaves the ops to end on their
+    /// own; their memory is freed then.
+    ///
+    /// Implements: `rbdfence_read_header_start`, `rbdfence_header_read_result`,
+    /// `rbdfence_header_read_free`.
+    pub async fn read_async(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<ReadPtr>();
+        // The callback's context: where to send the finished read, the ioctx (and so the
+        // cluster handle) kept alive until the ops end, and the runtime that drops them when
+        // nobody waits any more (never on librados' own thread: a last reference there would
+        // shut the cluster handle down from inside its own callback).
+        let ctx: *mut ReadContext = Box::into_raw(Box::new((
+            tx,
+            self.ioctx.clone(),
+            tokio::runtime::Handle::current(),
+        )));
+        let id_oid = if check {
+            self.id_oid.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        // SAFETY: valid ioctx and NUL-terminated names (the shim copies what it keeps);
+        // `read_done` is called exactly once with `ctx` after a successful start, and never
+        // after a failed one, which is when we take `ctx` back.
+        let r = unsafe {
+            ffi::rbdfence_read_header_start(
+                self.ioctx.as_ptr(),
+                self.oid.as_ptr(),
+                RBD_LOCK_XATTR.as_ptr(),
+                id_oid,
+                ID_OBJECT_MAX,
+                Some(read_done),
+                ctx.cast(),
+            )
+        };
+        if r < 0 {
+            // SAFETY: the start failed, so the callback never runs: `ctx` is ours again.
+            drop(unsafe { Box::from_raw(ctx) });
+            return Err(CephError::from_code(
+                Op::ReadHeader,
+                &self.spec,
+                r.into(),
+                "",
+            ));
+        }
+        let read: ReadPtr = rx.await.map_err(|_| {
+            CephError::new(Op::ReadHeader, &self.spec, libc::EIO, "the read was lost")
+        })?;
+        let (mut wcap, mut lcap) = (8usize, 512usize);
+        for _ in 0..MAX_SIZING_ATTEMPTS {
+            let mut watchers: Vec<ffi::rbdfence_watcher> = Vec::with_capacity(wcap);
+            let mut lock = vec![0u8; lcap];
+            let (mut nw, mut nl) = (wcap, lcap);
+            let mut lock_result: c_int = 0;
+            let mut id = [0u8; ID_OBJECT_MAX];
+            let mut id_len = id.len();
+            let mut id_result: c_int = 0;
+            // SAFETY: `read.read` is a finished read we own until it drops; the buffers
+            // have the room the counts say.
+            let r = unsafe {
+                ffi::rbdfence_header_read_result(
+                    read.read,
+                    id.as_mut_ptr().cast::<c_char>(),
+                    &mut id_len,
+                    &mut id_result,
+                    watchers.as_mut_ptr(),
+                    &mut nw,
+                    lock.as_mut_ptr().cast::<c_char>(),
+                    &mut nl,
+                    &mut lock_result,
+                )
+            };
+            if r == -libc::ERANGE {
+                wcap = nw.max(wcap);
+                lcap = nl.max(lcap);
+                continue;
+            }
+            if r < 0 {
+                return Err(CephError::from_code(
+                    Op::ReadHeader,
+                    &self.spec,
+                    r.into(),
+                    "",
+                ));
+            }
+            // SAFETY: the shim initialised the first `nw` (<= wcap) entries.
+            unsafe { watchers.set_len(nw.min(wcap)) };
+            let status = self.status_from(&watchers, &lock[..nl.min(lcap)], lock_result)?;
+            let checked = self.check(check, id_result, &id[..id_len.min(id.len())]);
+            return Ok((status, checked));
+        }
+        Err(CephError::new(
+            Op::ReadHeader,
+            &self.spec,
+            libc::ERANGE,
+            "watcher list or lock record kept growing",
+        ))
+    }
+
+    /// Watchers and lock owners from what the shim copied out.
+    fn status_from(
+        &self,
+        watchers: &[ffi::rbdfence_watcher],
+        lock: &[u8],
+        lock_result: c_int,
+    ) -> Result<ImageStatus, CephError> {
+        let lock_owners = match lock_result {
+            0 => lock_info::decode(lock)
+                .map_err(|why| CephError::new(Op::ReadHeader, &self.spec, libc::EBADMSG, why))?,
+            // No lock was ever taken on the header: nobody holds one.
+            e if e == -libc::ENODATA || e == -libc::ENOENT => Vec::new(),
+            e => {
+                return Err(CephError::from_code(
+                    Op::ReadHeader,
+                    &self.spec,
+                    e.into(),
+                    "reading the lock record",
+                ));
+            }
+        };
+        Ok(ImageStatus {
+            watchers: watchers
+                .iter()
+                .map(|w| Watcher {
+                    address: plain_addr(c_addr(&w.addr)),
+                    client: w.id,
+                    cookie: w.cookie,
+                })
+                .collect(),
+            lock_owners,
+        })
+    }
+
+    /// Whether the id read with the header names this header.
+    fn check(&self, check: bool, id_result: c_int, id: &[u8]) -> HeaderCheck {
+        if !check {
+            return HeaderCheck::NotChecked;
+        }
+        let fresh = match id_result {
+            0 => decode_image_id(id).map(Some),
+            e if e == -libc::ENOENT => Some(None),
+            _ => None,
+        };
+        match fresh {
+            Some(fresh) if fresh == self.id.as_deref() => HeaderCheck::Same,
+            _ => HeaderCheck::Changed,
+        }
+    }
+}
+
+/// A finished asynchronous read, freed when dropped; with the ioctx it was made on.
+struct ReadPtr {
+    read: *mut ffi::rbdfence_header_read,
+    /// Dropped after the read is freed (fields drop after `Drop::drop`).
+    _ioctx: Arc<IoCtx>,
+}
+
+// SAFETY: the shim's read state is plain data once finished (librados no longer touches it);
+// it is only read and freed through this owner.
+unsafe impl Send for ReadPtr {}
+
+impl Drop for ReadPtr {
+    fn drop(&mut self) {
+        // SAFETY: a finished read, freed once.
+        unsafe { ffi::rbdfence_header_read_free(self.read) };
+    }
+}
+
+type ReadContext = (
+    tokio::sync::oneshot::Sender<ReadPtr>,
+    Arc<IoCtx>,
+    tokio::runtime::Handle,
+);
+
+/// librados' callback when both ops ended: hands the read to the waiting future, or frees it
+/// when nobody waits any more.
+unsafe extern "C" fn read_done(arg: *mut std::ffi::c_void, read: *mut ffi::rbdfence_header_read) {
+    // SAFETY: `arg` is the context boxed by `read_async`, given back exactly once.
+    let ctx = unsafe { Box::from_raw(arg.cast::<ReadContext>()) };
+    let (tx, ioctx, runtime) = *ctx;
+    // A dropped receiver gives the read back: it is freed on the runtime's blocking pool.
+    if let Err(unwanted) = tx.send(ReadPtr {
+        read,
+        _ioctx: ioctx,
+    }) {
+        runtime.spawn_blocking(move || drop(unwanted));
+    }
+}
+
 /// The bytes of an `rbd_id` object we read: its length prefix and the longest id we accept.
 const ID_OBJECT_MAX: usize = 4 + MAX_IMAGE_ID + 1;
 
