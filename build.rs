@@ -35,7 +35,6 @@ const FUNCTIONS: &[&str] = &[
     "rados_nobjects_list_close",
     "rados_lock_exclusive",
     "rados_unlock",
-    "rbdfence_read_header",
     "rbdfence_read_header_start",
     "rbdfence_header_read_result",
     "rbdfence_header_read_free",

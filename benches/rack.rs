@@ -24,6 +24,8 @@
 mod common;
 #[path = "support/cpu.rs"]
 mod cpu;
+#[path = "support/lift.rs"]
+mod lift;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -57,57 +59,6 @@ fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ours(entry: &str) -> bool {
-    let ip = entry.split(['/', ':']).next().unwrap_or("");
-    ip.strip_prefix("127.0.0.")
-        .and_then(|o| o.parse::<u8>().ok())
-        .is_some_and(|o| (SINGLE_IP..=SIBLING_IP).contains(&o))
-}
-
-/// Lifts (as admin) every blocklist entry on our addresses; returns how many.
-fn lift_our_blocklist_entries() -> usize {
-    let Ok(out) = Command::new("ceph")
-        .arg("--conf")
-        .arg(&cluster().conf)
-        .args(["osd", "blocklist", "ls", "--format", "json"])
-        .stderr(Stdio::null())
-        .output()
-    else {
-        return 0;
-    };
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut n = 0;
-    for (k, arr) in serde_json::Deserializer::from_str(&text)
-        .into_iter::<Value>()
-        .filter_map(Result::ok)
-        .enumerate()
-    {
-        for item in arr.as_array().cloned().unwrap_or_default() {
-            let Some(entry) = item["addr"].as_str().or(item["range"].as_str()) else {
-                continue;
-            };
-            if !ours(entry) {
-                continue;
-            }
-            let args: &[&str] = if k == 0 {
-                &["osd", "blocklist", "rm"]
-            } else {
-                &["osd", "blocklist", "range", "rm"]
-            };
-            let _ = Command::new("ceph")
-                .arg("--conf")
-                .arg(&cluster().conf)
-                .args(args)
-                .arg(entry)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            n += 1;
-        }
-    }
-    n
 }
 
 /// A child ended by PID (SIGKILL) when dropped.
@@ -681,7 +632,7 @@ fn main() {
         }
     }
     drop(single);
-    let lifted = lift_our_blocklist_entries();
+    let lifted = lift::lift_entries(&cluster().conf, SINGLE_IP..=SIBLING_IP).len();
     println!("  lifted {lifted} blocklist entries on 127.0.0.{SINGLE_IP}-{SIBLING_IP}");
     let _ = std::fs::remove_file(&standin);
     assert!(!failed_check, "the rack failure was not handled correctly");

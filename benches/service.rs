@@ -31,6 +31,8 @@
 mod common;
 #[path = "support/cpu.rs"]
 mod cpu;
+#[path = "support/lift.rs"]
+mod lift;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -87,63 +89,11 @@ fn min(v: &[f64]) -> f64 {
 
 // ------------------------------------------------------------------------- blocklist clean-up
 
-/// Whether `entry` (`IP:PORT/NONCE` or `IP/PREFIX`) is on one of this benchmark's addresses.
-fn ours(entry: &str) -> bool {
-    let ip = entry.split([':', '/']).next().unwrap_or("");
-    ip.strip_prefix("127.0.0.")
-        .and_then(|o| o.parse::<u8>().ok())
-        .is_some_and(|o| (121..=130).contains(&o))
-}
-
 /// Lifts (as admin, with the CLI) every blocklist entry on 127.0.0.121 – .130; returns them.
 /// Besides the fences, `rbd rm` of an image whose last writer was killed breaks its lock and
 /// blocklists that writer's exact address (librbd's rbd_blocklist_on_break_lock).
 fn lift_our_blocklist_entries() -> Vec<String> {
-    let Ok(out) = Command::new("ceph")
-        .arg("--conf")
-        .arg(&cluster().conf)
-        .args(["osd", "blocklist", "ls", "--format", "json"])
-        .stderr(Stdio::null())
-        .output()
-    else {
-        return Vec::new();
-    };
-    // Two arrays back to back: addresses, then ranges.
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lifted = Vec::new();
-    for (k, arr) in serde_json::Deserializer::from_str(&text)
-        .into_iter::<Value>()
-        .filter_map(Result::ok)
-        .enumerate()
-    {
-        for item in arr.as_array().cloned().unwrap_or_default() {
-            let Some(entry) = item["addr"]
-                .as_str()
-                .or(item["range"].as_str())
-                .map(String::from)
-            else {
-                continue;
-            };
-            if !ours(&entry) {
-                continue;
-            }
-            let args: &[&str] = if k == 0 {
-                &["osd", "blocklist", "rm"]
-            } else {
-                &["osd", "blocklist", "range", "rm"]
-            };
-            let _ = Command::new("ceph")
-                .arg("--conf")
-                .arg(&cluster().conf)
-                .args(args)
-                .arg(&entry)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            lifted.push(entry);
-        }
-    }
-    lifted
+    lift::lift_entries(&cluster().conf, 121..=130)
 }
 
 /// Lifts our blocklist entries when dropped (also on a panic). Declared first in `main`, so

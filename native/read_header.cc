@@ -4,9 +4,9 @@
 // holders of its `rbd_lock` are the exclusive-lock owners, so the image is never opened
 // (librbd's ImageCtx costs ~0.4 MiB and ~1.5 ms of CPU per image). librados has no C call
 // for an object's watchers. Here one compound op on the header lists them and reads the
-// lock's record (the xattr the lock class keeps, decoded by the caller), while a read of the
-// image's `rbd_id` object (does the name still lead to this header?) is in flight: two OSD
-// ops at once, for one round trip.
+// lock's record (the xattr the lock class keeps, decoded by the caller), and a read of the
+// image's `rbd_id` object (does the name still lead to this header?) runs at the same time:
+// two OSD ops at once, for one round trip, with completion callbacks, so no thread waits.
 //
 // The C side hands us its rados_ioctx_t; we wrap it, ask, and copy the answers into
 // rbdfence's own structs, whose layout is asserted below against the system's obj_watch_t.
@@ -35,124 +35,8 @@ RBDFENCE_SAME_FIELD(id, watcher_id);
 RBDFENCE_SAME_FIELD(cookie, cookie);
 RBDFENCE_SAME_FIELD(timeout_seconds, timeout_seconds);
 
-namespace {
 
-// An asynchronous op: once started, waited for before it is released however the function
-// returns, so librados never writes into a buffer that is gone.
-struct InFlight {
-  librados::AioCompletion *c;
-  bool started = false;
-  InFlight() : c(librados::Rados::aio_create_completion()) {}
-  InFlight(const InFlight &) = delete;
-  InFlight &operator=(const InFlight &) = delete;
-  // Waits and returns the op's result.
-  int wait() {
-    c->wait_for_complete();
-    return c->get_return_value();
-  }
-  ~InFlight() {
-    if (started) {
-      c->wait_for_complete();
-    }
-    c->release();
-  }
-};
-
-int read_header(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,
-                const char *id_oid, char *id, size_t *id_len, int *id_result,
-                struct rbdfence_watcher *watchers, size_t *n_watchers, char *lock,
-                size_t *lock_len, int *lock_result) {
-  librados::IoCtx ioctx;
-  librados::IoCtx::from_rados_ioctx_t(io, ioctx);
-
-  // 1. The image's id, when asked: is the header still this name's? (In flight meanwhile.)
-  librados::bufferlist id_bl;
-  InFlight id_op;
-  if (id_oid != nullptr) {
-    int r = ioctx.aio_read(id_oid, id_op.c, &id_bl, *id_len, 0);
-    if (r < 0) {
-      *id_result = r;
-    } else {
-      id_op.started = true;
-    }
-  }
-
-  // 2. One compound op on the header: its watchers, and the lock's record (the xattr the
-  //    lock class keeps; missing when no lock was ever taken, which must not fail the op).
-  std::list<obj_watch_t> watch_list;
-  int watch_rval = 0;
-  librados::bufferlist lock_bl;
-  int lock_rval = 0;
-  librados::ObjectReadOperation op;
-  op.list_watchers(&watch_list, &watch_rval);
-  op.getxattr(lock_xattr, &lock_bl, &lock_rval);
-  op.set_op_flags2(librados::OP_FAILOK);
-  int r = ioctx.operate(header_oid, &op, nullptr);
-
-  if (id_op.started) {
-    int rr = id_op.wait();
-    *id_result = rr < 0 ? rr : 0;
-    if (rr >= 0) {
-      size_t n = id_bl.length() < *id_len ? id_bl.length() : *id_len;
-      id_bl.begin().copy(n, id);
-      *id_len = n;
-    }
-  }
-  if (r < 0) {
-    return r;
-  }
-  if (watch_rval < 0) {
-    return watch_rval;
-  }
-  if (watch_list.size() > *n_watchers || (lock_rval >= 0 && lock_bl.length() > *lock_len)) {
-    *n_watchers = watch_list.size();
-    *lock_len = lock_bl.length();
-    return -ERANGE;
-  }
-  size_t i = 0;
-  for (const obj_watch_t &w : watch_list) {
-    std::memcpy(watchers[i].addr, w.addr, sizeof(watchers[i].addr));
-    watchers[i].addr[sizeof(watchers[i].addr) - 1] = '\0';
-    watchers[i].id = w.watcher_id;
-    watchers[i].cookie = w.cookie;
-    watchers[i].timeout_seconds = w.timeout_seconds;
-    ++i;
-  }
-  *n_watchers = i;
-  *lock_result = lock_rval < 0 ? lock_rval : 0;
-  if (lock_rval >= 0) {
-    lock_bl.begin().copy(lock_bl.length(), lock);
-    *lock_len = lock_bl.length();
-  } else {
-    *lock_len = 0;
-  }
-  return 0;
-}
-
-}  // namespace
-
-extern "C" int rbdfence_read_header(rados_ioctx_t io, const char *header_oid,
-                                    const char *lock_xattr, const char *id_oid, char *id,
-                                    size_t *id_len, int *id_result,
-                                    struct rbdfence_watcher *watchers, size_t *n_watchers,
-                                    char *lock, size_t *lock_len, int *lock_result) {
-  if (io == nullptr || header_oid == nullptr || lock_xattr == nullptr ||
-      n_watchers == nullptr || lock_len == nullptr || lock_result == nullptr ||
-      (watchers == nullptr && *n_watchers > 0) || (lock == nullptr && *lock_len > 0) ||
-      (id_oid != nullptr && (id == nullptr || id_len == nullptr || id_result == nullptr))) {
-    return -EINVAL;
-  }
-  try {
-    return read_header(io, header_oid, lock_xattr, id_oid, id, id_len, id_result, watchers,
-                       n_watchers, lock, lock_len, lock_result);
-  } catch (const std::bad_alloc &) {
-    return -ENOMEM;
-  } catch (...) {
-    return -EIO;
-  }
-}
-
-// ---- The same look, asynchronous: no thread waits for the OSDs. ----
+// ---- One look, asynchronous: no thread waits for the OSDs. ----
 
 struct rbdfence_header_read {
   librados::IoCtx ioctx;

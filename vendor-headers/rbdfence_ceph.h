@@ -100,27 +100,20 @@ struct rbdfence_watcher {
   uint64_t cookie;          /* watch cookie */
   uint32_t timeout_seconds; /* the watch's timeout */
 };
-/* One look at an image's header object header_oid, two OSD ops at once: a compound op on
- * the header listing its watchers (at most *n_watchers into watchers) and reading its xattr
- * lock_xattr (the lock class's record of a lock, at most *lock_len bytes into lock; *lock_len
- * set to its length, *lock_result to 0, or to -ENODATA when no lock was ever taken), and,
- * when id_oid is not NULL, a read of the first *id_len bytes of object id_oid into id
- * (*id_len set to the number read, *id_result to 0 or -errno). Returns 0 with the counts
- * set; -ERANGE with *n_watchers and *lock_len set to what is needed when a buffer is too
- * short; else the -errno of the header op (-ENOENT: no such header object). Every op is
- * bounded by the connection's rados_osd_op_timeout. */
-int rbdfence_read_header(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,
-                         const char *id_oid, char *id, size_t *id_len, int *id_result,
-                         struct rbdfence_watcher *watchers, size_t *n_watchers, char *lock,
-                         size_t *lock_len, int *lock_result);
-
-/* The same look, asynchronous. rbdfence_read_header_start starts the two ops and returns 0;
+/* One look at an image's header object header_oid, two OSD ops at once, asynchronous: a
+ * compound op on the header listing its watchers and reading its xattr lock_xattr (the lock
+ * class's record of a lock; -ENODATA when no lock was ever taken), and, when id_oid is not
+ * NULL, a read of at most id_max bytes of object id_oid (the image's rbd_id). Every op is
+ * bounded by the connection's rados_osd_op_timeout.
+ * rbdfence_read_header_start starts the two ops and returns 0;
  * done(arg, read) is then called exactly once, from a librados thread (or from this one, when
  * the ops ended at once), when both have ended. The caller copies the answers with
- * rbdfence_header_read_result (its arguments and -ERANGE as for rbdfence_read_header; *id_len
- * is set to the bytes read of at most id_max, *id_result to -ENOENT when id_oid was NULL) as
- * often as it needs, then frees it with rbdfence_header_read_free. A start that returns
- * -errno calls done never. */
+ * rbdfence_header_read_result as often as it needs: at most *n_watchers watchers, at most
+ * *lock_len bytes of the lock record (*lock_result 0, or the -errno of reading it), the id
+ * read (*id_len bytes, *id_result 0 or -errno; -ENOENT when id_oid was NULL); it returns 0
+ * with the counts set, -ERANGE with *n_watchers and *lock_len set to what is needed, or the
+ * -errno of the header op (-ENOENT: no such header object). Then the caller frees it with
+ * rbdfence_header_read_free. A start that returns -errno calls done never. */
 struct rbdfence_header_read;
 typedef void (*rbdfence_read_done)(void *arg, struct rbdfence_header_read *read);
 int rbdfence_read_header_start(rados_ioctx_t io, const char *header_oid, const char *lock_xattr,

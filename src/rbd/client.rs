@@ -130,10 +130,7 @@ impl Ceph {
             .get(spec)
             .cloned();
         if let Some(known) = known {
-            let checked = match self
-                .observed(Op::ReadHeader, spec, known.read_async(true))
-                .await
-            {
+            let checked = match self.observed(Op::ReadHeader, spec, known.read(true)).await {
                 Ok((status, HeaderCheck::Same)) => Some(status),
                 // Renamed over, replaced or removed: look it up again below.
                 Ok(_) => None,
@@ -145,7 +142,7 @@ impl Ceph {
             }
         }
         let header = self.locate(spec).await?;
-        self.observed(Op::ReadHeader, spec, header.read_async(false))
+        self.observed(Op::ReadHeader, spec, header.read(false))
             .await
             .map(|(status, _)| status)
     }

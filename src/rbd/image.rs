@@ -244,117 +244,14 @@ impl HeaderObject {
 
     /// Watchers and lock owners, read live from the header object; with `check`, the image's
     /// id is read at the same time, to tell whether the name still leads here. One round
-    /// trip: three OSD ops at once. A removed header is `ENOENT`.
-    ///
-    /// Implements: `rbdfence_read_header` (our shim over librados' C++ API).
-    pub fn read(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
-        let (mut wcap, mut lcap) = (8usize, 512usize);
-        for _ in 0..MAX_SIZING_ATTEMPTS {
-            let mut watchers: Vec<ffi::rbdfence_watcher> = Vec::with_capacity(wcap);
-            let mut lock = vec![0u8; lcap];
-            let (mut nw, mut nl) = (wcap, lcap);
-            let mut lock_result: c_int = 0;
-            let mut id = [0u8; ID_OBJECT_MAX];
-            let mut id_len = id.len();
-            let mut id_result: c_int = 0;
-            let id_oid = if check {
-                self.id_oid.as_ptr()
-            } else {
-                std::ptr::null()
-            };
-            // SAFETY: valid ioctx (kept alive by the Arc) and NUL-terminated names; the
-            // watcher array has room for `nw` entries, `lock` for `nl` bytes and `id` for
-            // `id_len` bytes; the shim writes within those and sets the counts to what it
-            // wrote.
-            let r = unsafe {
-                ffi::rbdfence_read_header(
-                    self.ioctx.as_ptr(),
-                    self.oid.as_ptr(),
-                    RBD_LOCK_XATTR.as_ptr(),
-                    id_oid,
-                    id.as_mut_ptr().cast::<c_char>(),
-                    &mut id_len,
-                    &mut id_result,
-                    watchers.as_mut_ptr(),
-                    &mut nw,
-                    lock.as_mut_ptr().cast::<c_char>(),
-                    &mut nl,
-                    &mut lock_result,
-                )
-            };
-            if r == -libc::ERANGE {
-                wcap = nw.max(wcap);
-                lcap = nl.max(lcap);
-                continue;
-            }
-            if r < 0 {
-                return Err(CephError::from_code(
-                    Op::ReadHeader,
-                    &self.spec,
-                    r.into(),
-                    "",
-                ));
-            }
-            // SAFETY: the shim initialised the first `nw` (<= wcap) entries.
-            unsafe { watchers.set_len(nw.min(wcap)) };
-            let lock_owners = match lock_result {
-                0 => lock_info::decode(&lock[..nl.min(lcap)]).map_err(|why| {
-                    CephError::new(Op::ReadHeader, &self.spec, libc::EBADMSG, why)
-                })?,
-                // No lock was ever taken on the header: nobody holds one.
-                e if e == -libc::ENODATA || e == -libc::ENOENT => Vec::new(),
-                e => {
-                    return Err(CephError::from_code(
-                        Op::ReadHeader,
-                        &self.spec,
-                        e.into(),
-                        "reading the lock record",
-                    ));
-                }
-            };
-            let status = ImageStatus {
-                watchers: watchers
-                    .iter()
-                    .map(|w| Watcher {
-                        address: plain_addr(c_addr(&w.addr)),
-                        client: w.id,
-                        cookie: w.cookie,
-                    })
-                    .collect(),
-                lock_owners,
-            };
-            let checked = if !check {
-                HeaderCheck::NotChecked
-            } else {
-                let fresh = match id_result {
-                    0 => decode_image_id(&id[..id_len.min(id.len())]).map(Some),
-                    e if e == -libc::ENOENT => Some(None),
-                    _ => None,
-                };
-                match fresh {
-                    Some(fresh) if fresh == self.id.as_deref() => HeaderCheck::Same,
-                    _ => HeaderCheck::Changed,
-                }
-            };
-            return Ok((status, checked));
-        }
-        Err(CephError::new(
-            Op::ReadHeader,
-            &self.spec,
-            libc::ERANGE,
-            "watcher list or lock record kept growing",
-        ))
-    }
-}
-
-impl HeaderObject {
-    /// [`HeaderObject::read`] without a blocking thread: the ops are started and the future
-    /// waits for librados to call back. Dropping the future leaves the ops to end on their
-    /// own; their memory is freed then.
+    /// trip, two OSD ops at once (the header's watchers and lock record in one compound op,
+    /// and the `rbd_id` read), and no thread waits for them: the ops are started and the
+    /// future waits for librados to call back. Dropping the future leaves the ops to end on
+    /// their own; their memory is freed then. A removed header is `ENOENT`.
     ///
     /// Implements: `rbdfence_read_header_start`, `rbdfence_header_read_result`,
     /// `rbdfence_header_read_free`.
-    pub async fn read_async(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
+    pub async fn read(&self, check: bool) -> Result<(ImageStatus, HeaderCheck), CephError> {
         let (tx, rx) = tokio::sync::oneshot::channel::<ReadPtr>();
         // The callback's context: where to send the finished read, the ioctx (and so the
         // cluster handle) kept alive until the ops end, and the runtime that drops them when
@@ -526,7 +423,7 @@ type ReadContext = (
 /// librados' callback when both ops ended: hands the read to the waiting future, or frees it
 /// when nobody waits any more.
 unsafe extern "C" fn read_done(arg: *mut std::ffi::c_void, read: *mut ffi::rbdfence_header_read) {
-    // SAFETY: `arg` is the context boxed by `read_async`, given back exactly once.
+    // SAFETY: `arg` is the context boxed by `read`, given back exactly once.
     let ctx = unsafe { Box::from_raw(arg.cast::<ReadContext>()) };
     let (tx, ioctx, runtime) = *ctx;
     // A dropped receiver gives the read back: it is freed on the runtime's blocking pool.
