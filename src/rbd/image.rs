@@ -353,7 +353,7 @@ impl HeaderObject {
         lock_result: c_int,
     ) -> Result<ImageStatus, CephError> {
         let lock_owners = match lock_result {
-            0 => lock_info::decode(lock)
+            0 => lock_info::decode(lock, unix_now())
                 .map_err(|why| CephError::new(Op::ReadHeader, &self.spec, libc::EBADMSG, why))?,
             // No lock was ever taken on the header: nobody holds one.
             e if e == -libc::ENODATA || e == -libc::ENOENT => Vec::new(),
@@ -394,6 +394,12 @@ impl HeaderObject {
             _ => HeaderCheck::Changed,
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A finished asynchronous read, freed when dropped; with the ioctx it was made on.

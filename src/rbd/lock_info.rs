@@ -129,7 +129,10 @@ fn sockaddr(family: u16, rest: &[u8], nonce: u32) -> Result<String, String> {
 }
 
 /// The holders of the lock in a `lock.<name>` xattr: their addresses and the lock's mode.
-pub fn decode(data: &[u8]) -> Result<Vec<LockOwner>, String> {
+/// A holder whose lease expired before `now` (seconds since the epoch) is left out, as the
+/// lock class itself leaves it out when asked; librbd's and `rbd lock add`'s locks have no
+/// lease.
+pub fn decode(data: &[u8], now: u64) -> Result<Vec<LockOwner>, String> {
     let mut r = Reader { data, at: 0 };
     let end = r.start("lock_info")?;
     let n = r.u32()?;
@@ -144,11 +147,14 @@ pub fn decode(data: &[u8]) -> Result<Vec<LockOwner>, String> {
         r.string()?;
         r.finish(id_end, "locker_id")?;
         let info_end = r.start("locker_info")?;
-        r.take(8)?;
+        let expires = u64::from(r.u32()?);
+        let _nsec = r.u32()?;
         let addr = entity_addr(&mut r)?;
         r.string()?;
         r.finish(info_end, "locker_info")?;
-        addrs.push(addr);
+        if expires == 0 || expires > now {
+            addrs.push(addr);
+        }
     }
     let mode = match r.u8()? {
         // exclusive, exclusive-ephemeral
@@ -182,6 +188,8 @@ mod tests {
         "0000000000000108000000696e7465726e616c",
     );
 
+    const NOW: u64 = 1_800_000_000;
+
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
         (0..s.len())
@@ -192,7 +200,7 @@ mod tests {
 
     #[test]
     fn a_real_exclusive_lock_record_decodes_to_its_holder() {
-        let owners = decode(&hex(LIBRBD_LOCK)).unwrap_or_else(|e| panic!("{e}"));
+        let owners = decode(&hex(LIBRBD_LOCK), NOW).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             owners,
             vec![LockOwner {
@@ -203,14 +211,31 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_whose_lease_ran_out_holds_nothing() {
+        let mut rec = hex(LIBRBD_LOCK);
+        // The locker_info's expiration: the 8 bytes after its struct header, which follows
+        // the cookie "auto 140671184802976".
+        let at = rec
+            .windows(3)
+            .position(|w| w == b"976")
+            .unwrap_or_else(|| panic!("cookie not found"))
+            + 3
+            + 6;
+        rec[at..at + 4].copy_from_slice(&((NOW - 1) as u32).to_le_bytes());
+        assert_eq!(decode(&rec, NOW), Ok(vec![]));
+        rec[at..at + 4].copy_from_slice(&((NOW + 60) as u32).to_le_bytes());
+        assert_eq!(decode(&rec, NOW).map(|o| o.len()), Ok(1));
+    }
+
+    #[test]
     fn every_truncation_and_corruption_is_an_error_not_nobody() {
         let good = hex(LIBRBD_LOCK);
         for n in 0..good.len() {
-            assert!(decode(&good[..n]).is_err(), "truncated at {n}");
+            assert!(decode(&good[..n], NOW).is_err(), "truncated at {n}");
         }
         let mut longer = good.clone();
         longer.push(0);
-        assert!(decode(&longer).is_err());
+        assert!(decode(&longer, NOW).is_err());
         // An unknown address family.
         let mut bad = good.clone();
         let fam = good
@@ -218,18 +243,18 @@ mod tests {
             .position(|w| w == [0x10, 0, 0, 0, 0x02, 0x00])
             .unwrap_or_else(|| panic!("family not found"));
         bad[fam + 4] = 0x07;
-        assert!(decode(&bad).is_err());
+        assert!(decode(&bad, NOW).is_err());
         // A locker count far beyond any lock.
         let mut many = good;
         many[6..10].copy_from_slice(&100_000u32.to_le_bytes());
-        assert!(decode(&many).is_err());
+        assert!(decode(&many, NOW).is_err());
     }
 
     #[test]
     fn no_holder_and_ipv6_and_legacy_addresses() {
         // lock_info with no lockers, type none, empty tag.
         let empty = [1u8, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(decode(&empty), Ok(vec![]));
+        assert_eq!(decode(&empty, NOW), Ok(vec![]));
 
         // marker 1; struct v1 compat 1, 40 bytes: type 1, nonce 7, a 28-byte sockaddr_in6.
         let mut v6 = vec![1u8, 1, 1, 40, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 28, 0, 0, 0];
