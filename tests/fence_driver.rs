@@ -271,6 +271,49 @@ fn request() -> FenceRequest {
     }
 }
 
+/// VMs of the failed host h1 (target h2), each with one volume: the `(image, client)` pairs
+/// give each volume's name and the client that holds its exclusive lock (and watches it when
+/// `watching`). Registers their statuses with the fake Ceph; returns their requests, VM uuids
+/// numbered from `first`.
+fn requests_for_h1(
+    s: &Setup,
+    first: u32,
+    vols: impl IntoIterator<Item = (String, String)>,
+    watching: bool,
+) -> Vec<FenceRequest> {
+    vols.into_iter()
+        .zip(first..)
+        .map(|((image, addr), n)| {
+            s.engine.ceph.status.lock().unwrap().push((
+                image.clone(),
+                ImageStatus {
+                    watchers: if watching {
+                        vec![Watcher {
+                            address: addr.clone(),
+                            client: 1,
+                            cookie: 2,
+                        }]
+                    } else {
+                        vec![]
+                    },
+                    lock_owners: vec![LockOwner {
+                        mode: LockMode::Exclusive,
+                        address: addr,
+                    }],
+                },
+            ));
+            FenceRequest {
+                request_id: None,
+                vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{n:012x}").parse().unwrap(),
+                failed_host: "h1".into(),
+                target_host: "h2".into(),
+                volumes: vec![image.parse().unwrap()],
+                dry_run: false,
+            }
+        })
+        .collect()
+}
+
 fn calls(log: &Log) -> Vec<String> {
     log.lock().unwrap().clone()
 }
@@ -567,35 +610,12 @@ async fn an_unwritable_ledger_turns_an_approval_into_a_deny() {
 #[tokio::test]
 async fn many_vms_of_one_host_share_one_storage_fence_and_one_ssh_session() {
     let s = setup(FakeCeph::default(), |_| killed());
-    let mut reqs = Vec::new();
-    for i in 0..20u32 {
-        let image = format!("rbd/vm{i}");
-        let addr = format!("127.0.0.2:0/{}", 1000 + i);
-        s.engine.ceph.status.lock().unwrap().push((
-            image.clone(),
-            ImageStatus {
-                watchers: vec![Watcher {
-                    address: addr.clone(),
-                    client: 1,
-                    cookie: 2,
-                }],
-                lock_owners: vec![LockOwner {
-                    mode: LockMode::Exclusive,
-                    address: addr,
-                }],
-            },
-        ));
-        reqs.push(FenceRequest {
-            request_id: None,
-            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", i)
-                .parse()
-                .unwrap(),
-            failed_host: "h1".into(),
-            target_host: "h2".into(),
-            volumes: vec![image.parse().unwrap()],
-            dry_run: false,
-        });
-    }
+    let reqs = requests_for_h1(
+        &s,
+        0,
+        (0..20u32).map(|i| (format!("rbd/vm{i}"), format!("127.0.0.2:0/{}", 1000 + i))),
+        true,
+    );
     let records = futures::future::join_all(reqs.iter().map(|r| s.engine.fence(r))).await;
     for r in &records {
         assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);
@@ -630,30 +650,12 @@ async fn waves_of_one_host_join_the_running_storage_batch_and_reuse_the_session(
     };
     let s = setup(ceph, |_| killed());
     let addr = "127.0.0.2:0/4242";
-    let mut reqs = Vec::new();
-    for i in 0..30u32 {
-        let image = format!("rbd/wave{i}");
-        s.engine.ceph.status.lock().unwrap().push((
-            image.clone(),
-            ImageStatus {
-                watchers: vec![],
-                lock_owners: vec![LockOwner {
-                    mode: LockMode::Exclusive,
-                    address: addr.into(),
-                }],
-            },
-        ));
-        reqs.push(FenceRequest {
-            request_id: None,
-            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", 100 + i)
-                .parse()
-                .unwrap(),
-            failed_host: "h1".into(),
-            target_host: "h2".into(),
-            volumes: vec![image.parse().unwrap()],
-            dry_run: false,
-        });
-    }
+    let reqs = requests_for_h1(
+        &s,
+        100,
+        (0..30u32).map(|i| (format!("rbd/wave{i}"), addr.to_string())),
+        false,
+    );
     // Three waves of ten: at 0 ms, 40 ms (the first batch is adding) and 400 ms (it is done).
     let records = futures::future::join_all(reqs.iter().enumerate().map(|(i, r)| {
         let engine = &s.engine;
@@ -698,35 +700,18 @@ async fn a_storage_batch_waits_for_the_hosts_fences_still_gathering_evidence() {
         ..Default::default()
     };
     let s = setup(ceph, |_| killed());
-    let mut reqs = Vec::new();
-    for i in 0..20u32 {
-        let image = if i % 2 == 0 {
-            format!("rbd/fast{i}")
-        } else {
-            format!("rbd/slow{i}")
-        };
-        let addr = format!("127.0.0.2:0/{}", 2000 + i);
-        s.engine.ceph.status.lock().unwrap().push((
-            image.clone(),
-            ImageStatus {
-                watchers: vec![],
-                lock_owners: vec![LockOwner {
-                    mode: LockMode::Exclusive,
-                    address: addr,
-                }],
-            },
-        ));
-        reqs.push(FenceRequest {
-            request_id: None,
-            vm: format!("0b6e3f4a-1c2d-4e5f-8a9b-{:012x}", 200 + i)
-                .parse()
-                .unwrap(),
-            failed_host: "h1".into(),
-            target_host: "h2".into(),
-            volumes: vec![image.parse().unwrap()],
-            dry_run: false,
-        });
-    }
+    let reqs = requests_for_h1(
+        &s,
+        200,
+        (0..20u32).map(|i| {
+            let image = if i % 2 == 0 { "fast" } else { "slow" };
+            (
+                format!("rbd/{image}{i}"),
+                format!("127.0.0.2:0/{}", 2000 + i),
+            )
+        }),
+        false,
+    );
     let records = futures::future::join_all(reqs.iter().map(|r| s.engine.fence(r))).await;
     for r in &records {
         assert_eq!(r.reply.outcome, "success-killed", "{}", r.reply.message);

@@ -96,22 +96,9 @@ impl Ceph {
         F: FnOnce(&Arc<Rados>) -> Result<T, CephError> + Send + 'static,
     {
         let rados = self.rados.clone();
-        if let Some(obs) = &self.observer {
-            obs(op, CallEvent::Started);
-        }
-        // A caller that gives up still ends the call for the observer (`Abandoned`).
-        let finish = self.observer.as_ref().map(|obs| FinishGuard {
-            obs: obs.clone(),
-            op,
-            done: false,
-        });
         let slots = op.is_osd().then(|| self.osd_slots.clone());
-        let r = bounded_with(op, target, self.bound, slots, move || f(&rados)).await;
-        if let Some(mut g) = finish {
-            g.done = true;
-            (g.obs)(op, CallEvent::Finished(r.as_ref().map(|_| ())));
-        }
-        r
+        let work = blocking(op, target.clone(), slots, move || f(&rados));
+        self.observed(op, target, work).await
     }
 
     /// Watchers and lock owners of one image, read live from its header object with librados
@@ -130,7 +117,10 @@ impl Ceph {
             .get(spec)
             .cloned();
         if let Some(known) = known {
-            let checked = match self.observed(Op::ReadHeader, spec, known.read(true)).await {
+            let checked = match self
+                .observed(Op::ReadHeader, spec.to_string(), known.read(true))
+                .await
+            {
                 Ok((status, HeaderCheck::Same)) => Some(status),
                 // Renamed over, replaced or removed: look it up again below.
                 Ok(_) => None,
@@ -142,17 +132,17 @@ impl Ceph {
             }
         }
         let header = self.locate(spec).await?;
-        self.observed(Op::ReadHeader, spec, header.read(false))
+        self.observed(Op::ReadHeader, spec.to_string(), header.read(false))
             .await
             .map(|(status, _)| status)
     }
 
-    /// An asynchronous call (no blocking thread), bounded and told to the observer like
-    /// [`Ceph::call`].
+    /// Runs one call, bounded by the call bound and told to the observer: started, then
+    /// finished with its result, or abandoned when the caller gives up.
     async fn observed<T>(
         &self,
         op: Op,
-        spec: &ImageSpec,
+        target: String,
         fut: impl std::future::Future<Output = Result<T, CephError>>,
     ) -> Result<T, CephError> {
         if let Some(obs) = &self.observer {
@@ -163,18 +153,9 @@ impl Ceph {
             op,
             done: false,
         });
-        let r = match tokio::time::timeout(self.bound, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(CephError::new(
-                op,
-                spec.to_string(),
-                libc::ETIMEDOUT,
-                format!(
-                    "no answer from Ceph within {:.1} s",
-                    self.bound.as_secs_f64()
-                ),
-            )),
-        };
+        let r = tokio::time::timeout(self.bound, fut)
+            .await
+            .unwrap_or_else(|_| Err(timed_out(op, target, self.bound)));
         if let Some(mut g) = finish {
             g.done = true;
             (g.obs)(op, CallEvent::Finished(r.as_ref().map(|_| ())));
@@ -452,15 +433,17 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, CephError> + Send + 'static,
 {
-    bounded_with(op, target, bound, None, f).await
+    tokio::time::timeout(bound, blocking(op, target.clone(), None, f))
+        .await
+        .unwrap_or_else(|_| Err(timed_out(op, target, bound)))
 }
 
-/// As [`bounded`], first taking one of `slots` (waiting for it counts toward `bound`); the
-/// slot is freed when the blocking work ends, even if the caller gave up before.
-async fn bounded_with<T, F>(
+/// A blocking Ceph call on the blocking pool, first taking one of `slots` (the wait counts
+/// toward the caller's bound); the slot is freed when the blocking work ends, even if the
+/// caller gave up before.
+async fn blocking<T, F>(
     op: Op,
     target: String,
-    bound: Duration,
     slots: Option<Arc<tokio::sync::Semaphore>>,
     f: F,
 ) -> Result<T, CephError>
@@ -468,30 +451,30 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, CephError> + Send + 'static,
 {
-    let run = async move {
-        let permit = match slots {
-            Some(s) => s.acquire_owned().await.ok(),
-            None => None,
-        };
-        tokio::task::spawn_blocking(move || {
-            let _slot = permit;
-            f()
-        })
-        .await
+    let permit = match slots {
+        Some(s) => s.acquire_owned().await.ok(),
+        None => None,
     };
-    match tokio::time::timeout(bound, run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(join)) => Err(CephError::new(
+    tokio::task::spawn_blocking(move || {
+        let _slot = permit;
+        f()
+    })
+    .await
+    .unwrap_or_else(|join| {
+        Err(CephError::new(
             op,
             target,
             libc::EIO,
             format!("worker thread failed: {join}"),
-        )),
-        Err(_) => Err(CephError::new(
-            op,
-            target,
-            libc::ETIMEDOUT,
-            format!("no answer from Ceph within {:.1} s", bound.as_secs_f64()),
-        )),
-    }
+        ))
+    })
+}
+
+fn timed_out(op: Op, target: String, bound: Duration) -> CephError {
+    CephError::new(
+        op,
+        target,
+        libc::ETIMEDOUT,
+        format!("no answer from Ceph within {:.1} s", bound.as_secs_f64()),
+    )
 }
