@@ -180,20 +180,27 @@ fn json_body<T: DeserializeOwned>(
             e.body_text(),
         )
     })?;
+    let invalid = |inner: serde_json::Error| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid JSON body: {inner}"),
+        )
+    };
     let de = &mut serde_json::Deserializer::from_slice(&body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path.is_empty() || path == "." {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("invalid JSON body: {inner}"),
-            )
+            invalid(inner)
         } else {
             ApiError::bad(path, inner.to_string())
         }
-    })
+    })?;
+    // One object and nothing after it but whitespace: a request is never acted on up to its
+    // first object with something else following.
+    de.end().map_err(invalid)?;
+    Ok(value)
 }
 
 #[derive(Deserialize)]

@@ -86,6 +86,48 @@ async fn malformed_requests_are_400_naming_the_field_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
+    // A valid JSON object followed by anything but whitespace is no request: it is refused
+    // whole, never acted on up to its first object.
+    let zstack = json!({"failedHostUuid": "h1", "vmUuid": new_uuid(), "clusterUuid": "c1",
+        "haTargetHostUuid": "h2", "volumes": [img.name()]});
+    for tail in [" {\"dry_run\":true}", "x", "\n]", "{}"] {
+        for (path, body) in [
+            ("/v1/pre-instantiate", &good),
+            ("/ha/sibling-fence-vm", &zstack),
+        ] {
+            let r = svc
+                .http
+                .post(format!("{}{path}", svc.base))
+                .bearer_auth(svc.token.as_ref().unwrap())
+                .header("content-type", "application/json")
+                .body(format!("{body}{tail}"))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let reply: Value = r.json().await.unwrap_or_default();
+            assert_eq!(
+                status, 400,
+                "{path} with {tail:?} after the object: {reply}"
+            );
+            assert_eq!(reply["error"]["code"], "invalid_request", "{reply}");
+            let msg = reply["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains("trailing"), "{reply}");
+        }
+    }
+    // The token under another scheme is no token.
+    let r = svc
+        .http
+        .post(format!("{}/v1/pre-instantiate", svc.base))
+        .header(
+            "authorization",
+            format!("Basic {}", svc.token.as_ref().unwrap()),
+        )
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
     let big = json!({"vm_uuid": "x".repeat(10_000)});
     let (status, reply) = svc.post("/v1/pre-instantiate", &big).await;
     assert_eq!(status, 413, "{reply}");
