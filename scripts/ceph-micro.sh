@@ -16,7 +16,8 @@
 # `up` on a DIR whose cluster is already running prints "already running" and exits 0 (exit 1 if it
 # runs on another IP than the one asked for, or only some of its daemons run). `up` on a DIR holding
 # a stopped cluster of ours recreates it from scratch (the data is not kept).
-# Several clusters can run side by side, each on its own 127.x address and in its own DIR.
+# Several clusters can run side by side, each on its own 127.x address and in its own DIR; a test
+# that builds its network in namespaces runs one inside a namespace on a 198.18.0.0/15 address.
 set -euo pipefail
 
 PROG=ceph-micro.sh
@@ -223,10 +224,23 @@ crash_dir = $dir/run/crash
 EOF
 }
 
+# The cluster's address: a 127.x.y.z address, or — inside a network namespace a test made, never
+# in the machine's own — an address of 198.18.0.0/15 that an interface of that namespace holds.
+check_ip() {
+  local ip=$1
+  [[ $ip =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] && return 0
+  [[ $ip =~ ^198\.1[89]\.[0-9]{1,3}\.[0-9]{1,3}$ ]] \
+    || die "--ip must be a 127.x.y.z address (or 198.18.0.0/15 inside a test's network namespace), got '$ip'"
+  [ "$(readlink /proc/self/ns/net)" != "$(readlink /proc/1/ns/net)" ] \
+    || die "--ip $ip: 198.18.0.0/15 is only for a test's own network namespace, not the machine's"
+  ip -o -4 addr show | awk '{print $4}' | grep -qx "$ip/[0-9]*" \
+    || die "--ip $ip: no interface of this network namespace holds it"
+}
+
 cmd_up() {
   local dir=$1 ip=$2 t0 name fsid osd_uuid conf kr
   t0=$(now_ms)
-  [[ $ip =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "--ip must be a 127.x.y.z address, got '$ip'"
+  check_ip "$ip"
   for bin in ceph ceph-mon ceph-osd ceph-authtool monmaptool rados ss; do
     command -v "$bin" >/dev/null || die "$bin not found (run scripts/install-deps.sh)"
   done

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use rbdfence::rbd::{Ceph, ConnectOptions, ImageSpec, Timeouts};
 
+pub mod netns;
 pub mod running;
 pub mod sshd;
 pub mod stack;
 pub mod vm;
+pub mod world;
 
 /// The micro cluster the tests run against.
 pub struct Cluster {

@@ -36,6 +36,19 @@ impl Vm {
 
     /// As [`Vm::start`], launched the way `launch` says.
     pub fn start_as(image: &TestImage, ip: &str, uuid: &str, launch: Launch) -> Vm {
+        Self::start_with(&cluster().conf, &image.name(), Some(ip), uuid, launch)
+    }
+
+    /// Starts qemu on image `image` of the cluster `conf` names. `bind`: the 127.x address its
+    /// librados client comes from (the bind-address shim); `None` for a qemu started inside a
+    /// test host's network namespace, whose own address it then uses.
+    pub fn start_with(
+        conf: &std::path::Path,
+        image: &str,
+        bind: Option<&str>,
+        uuid: &str,
+        launch: Launch,
+    ) -> Vm {
         let dir = tempfile::Builder::new()
             .prefix("rbdfence-vm-")
             .tempdir()
@@ -58,11 +71,15 @@ impl Vm {
         let pidfile = dir.path().join("qemu.pid");
         let qmp = dir.path().join("qmp.sock");
         let drive = format!(
-            "file=rbd:{}:conf={}:id=admin,format=raw,if=virtio,cache=none",
-            image.name(),
-            cluster().conf.display()
+            "file=rbd:{image}:conf={}:id=admin,format=raw,if=virtio,cache=none",
+            conf.display()
         );
-        let out = Command::new(&program)
+        let mut cmd = Command::new(&program);
+        if let Some(ip) = bind {
+            cmd.env("LD_PRELOAD", bind_shim())
+                .env("RBDFENCE_BIND_ADDR", ip);
+        }
+        let out = cmd
             .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
             .args(["-name", &format!("guest={}", &uuid[..8])])
             .args(&uuid_args)
@@ -71,8 +88,6 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .args(["-daemonize", "-pidfile"])
             .arg(&pidfile)
-            .env("LD_PRELOAD", bind_shim())
-            .env("RBDFENCE_BIND_ADDR", ip)
             .output()
             .unwrap_or_else(|e| panic!("cannot run qemu-system-x86_64: {e}"));
         assert!(
@@ -98,24 +113,42 @@ impl Vm {
 
     /// Runs one HMP command through QMP; returns its text output.
     pub fn hmp(&self, command: &str) -> String {
-        let mut s = UnixStream::connect(self.qmp_path()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
+        self.try_hmp(command, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("HMP {command:?}: {e}"))
+    }
+
+    /// Runs one HMP command through QMP, waiting at most `within` for each reply line: `Err`
+    /// when qemu is gone, or does not answer in time (its disk I/O hangs on a lost network).
+    pub fn try_hmp(&self, command: &str, within: Duration) -> Result<String, String> {
+        let e = |what: &str, err: std::io::Error| format!("{what}: {err}");
+        let mut s = UnixStream::connect(self.qmp_path()).map_err(|err| e("connect", err))?;
+        s.set_read_timeout(Some(within))
+            .map_err(|err| e("set timeout", err))?;
+        let mut r = BufReader::new(s.try_clone().map_err(|err| e("clone", err))?);
         let mut line = String::new();
-        r.read_line(&mut line).unwrap(); // greeting
-        writeln!(s, "{}", serde_json::json!({"execute": "qmp_capabilities"})).unwrap();
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let cmd = serde_json::json!({"execute": "human-monitor-command", "arguments": {"command-line": command}});
-        writeln!(s, "{cmd}").unwrap();
-        loop {
+        let next = |r: &mut BufReader<UnixStream>, line: &mut String| {
             line.clear();
-            r.read_line(&mut line).unwrap();
+            match r.read_line(line) {
+                Ok(0) => Err("qemu closed its monitor".to_string()),
+                Ok(_) => Ok(()),
+                Err(err) => Err(e("read", err)),
+            }
+        };
+        next(&mut r, &mut line)?; // greeting
+        writeln!(s, "{}", serde_json::json!({"execute": "qmp_capabilities"}))
+            .map_err(|err| e("write", err))?;
+        next(&mut r, &mut line)?;
+        let cmd = serde_json::json!({"execute": "human-monitor-command", "arguments": {"command-line": command}});
+        writeln!(s, "{cmd}").map_err(|err| e("write", err))?;
+        loop {
+            next(&mut r, &mut line)?;
             let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
             if let Some(ret) = v.get("return") {
-                return ret.as_str().unwrap_or_default().to_string();
+                return Ok(ret.as_str().unwrap_or_default().to_string());
             }
-            assert!(v.get("error").is_none(), "QMP error: {line}");
+            if v.get("error").is_some() {
+                return Err(format!("QMP error: {line}"));
+            }
         }
     }
 
@@ -124,6 +157,14 @@ impl Vm {
         self.hmp(&format!(
             "qemu-io virtio0 \"write -P 0x{byte:02x} {offset} 4k\""
         ))
+    }
+
+    /// As [`Vm::write`], bounded by `within`: `Err` when qemu is gone or does not answer.
+    pub fn try_write(&self, offset: u64, byte: u8, within: Duration) -> Result<String, String> {
+        self.try_hmp(
+            &format!("qemu-io virtio0 \"write -P 0x{byte:02x} {offset} 4k\""),
+            within,
+        )
     }
 
     /// Whether the qemu process still exists as a live (non-zombie) process.
@@ -175,12 +216,18 @@ pub fn alive(pid: i32) -> bool {
 
 /// One byte of the image at `offset`, read by exporting it with the `rbd` CLI.
 pub fn image_byte(image: &TestImage, offset: u64) -> u8 {
+    image_byte_of(&cluster().conf, &image.name(), offset)
+}
+
+/// One byte at `offset` of image `image` of the cluster `conf` names (`rbd export`, as admin,
+/// from the calling thread's network namespace).
+pub fn image_byte_of(conf: &std::path::Path, image: &str, offset: u64) -> u8 {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("img");
     let status = Command::new("rbd")
         .arg("--conf")
-        .arg(&cluster().conf)
-        .args(["export", "--no-progress", &image.name()])
+        .arg(conf)
+        .args(["export", "--no-progress", image])
         .arg(&out)
         .status()
         .unwrap();

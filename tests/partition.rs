@@ -1,0 +1,247 @@
+//! The fault matrix, with each fault made the way it happens: hosts are network namespaces with
+//! a management and a storage link (`common::netns`, `common::world`), a partition is a link set
+//! down, and qemu runs inside its host, so its Ceph client really loses the cluster.
+//!
+//! Every case asserts the decision and its reason, that no stage outlived its bound and the
+//! whole fence its deadline; where it approves, that the old VM's writes no longer land; and
+//! where a VM of the failed host is no part of the fence, that it keeps writing.
+//!
+//! Each test builds its own world (its own micro cluster on 198.18.1.1, inside its own
+//! namespaces), so they run side by side; named e2e_* so nextest runs them one at a time
+//! with the other end-to-end tests.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::netns::Link;
+use common::vm::Vm;
+use common::world::{
+    BLOCKLIST_TIMEOUT_MS, DEADLINE_MS, EVIDENCE_TIMEOUT_MS, SSH_TIMEOUT_MS, Settings, World,
+};
+
+/// The fence's recorded stage timings keep their bounds, and the whole fence its deadline.
+fn assert_bounded(world: &World, reply: &Value) {
+    let record = world.fence_record(reply["fence_id"].as_str().unwrap());
+    let stages = record["stages_ms"].as_object().unwrap();
+    for (stage, ms) in stages {
+        let ms = ms.as_u64().unwrap();
+        let bound = match stage.as_str() {
+            "evidence" => EVIDENCE_TIMEOUT_MS,
+            "blocklist" | "osdmap" => BLOCKLIST_TIMEOUT_MS,
+            "ssh" => SSH_TIMEOUT_MS,
+            _ => DEADLINE_MS,
+        };
+        assert!(ms <= bound, "stage {stage} took {ms} ms, bound {bound} ms");
+    }
+    let total = reply["duration_ms"].as_u64().unwrap();
+    assert!(total <= DEADLINE_MS, "the fence took {total} ms");
+}
+
+/// The entries a reply says it blocklisted.
+fn entries(reply: &Value) -> Vec<String> {
+    reply["evidence"]["blocklist"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asks `vm` to write `byte` at `offset`; waits at most `within` for qemu's answer (a write
+/// on a lost network hangs: qemu then does not answer, which is fine — what counts is what
+/// reaches the image).
+fn attempt_write(vm: &Vm, offset: u64, byte: u8, within: Duration) {
+    let _ = vm.try_write(offset, byte, within);
+}
+
+/// Asserts a VM fence of exactly the VM's own client on h1's storage address.
+fn assert_vm_fence_of_h1_client(world: &World, reply: &Value) {
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
+    let h1 = world.h1.storage.unwrap().to_string();
+    let fenced = entries(reply);
+    assert!(!fenced.is_empty(), "{reply:#}");
+    for e in &fenced {
+        assert!(
+            e.starts_with(&format!("{h1}:")) && !e.ends_with(":0/0"),
+            "a VM fence names the VM's own client, not {e}: {reply:#}"
+        );
+    }
+    let listed = world.blocklist();
+    for e in &fenced {
+        assert!(listed.contains(e), "{e} is in the osdmap: {listed:?}");
+    }
+    assert!(
+        !listed
+            .iter()
+            .any(|l| l.starts_with(&format!("{h1}:0/0")) || l.starts_with(&format!("cidr:{h1}"))),
+        "the host is not fenced whole: {listed:?}"
+    );
+}
+
+/// ZStack's stuck case: the management network is down, storage is up, the VM runs. No SSH
+/// can reach the host, but the evidence names the VM's own client: that client is fenced, the
+/// VM's writes stop landing, and the host's other VM keeps writing.
+#[test]
+fn e2e_management_down_storage_up_fences_only_the_vm() {
+    let world = World::new(Settings::default());
+    let img = world.image("mgmt-down");
+    let other = world.image("bystander");
+    let vm = world.vm(&world.h1, &img);
+    let bystander = world.vm(&world.h1, &other);
+    vm.write(0, 0xab);
+    bystander.write(0, 0x11);
+
+    world.set(&world.h1, Link::Mgmt, false);
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
+    assert_vm_fence_of_h1_client(&world, &reply);
+    assert_bounded(&world, &reply);
+    eprintln!("management down, storage up: approve in {took:?}");
+
+    assert!(vm.alive(), "nobody could kill it: SSH never reached h1");
+    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
+    assert_eq!(
+        world.image_byte(&img, 0),
+        0xab,
+        "the old VM's write did not land"
+    );
+    bystander.write(4096, 0x22);
+    assert_eq!(
+        world.image_byte(&other, 4096),
+        0x22,
+        "the host's other VM keeps writing"
+    );
+}
+
+/// The storage network is down, management up: the VM is alive but cut off from its disk. SSH
+/// reaches it (through the sibling), kills it and proves it gone; its client is fenced too.
+/// When storage comes back, the host's other VM writes again: its client was never fenced.
+#[test]
+fn e2e_storage_down_management_up_kills_the_vm() {
+    let world = World::new(Settings::default());
+    let img = world.image("stor-down");
+    let other = world.image("bystander");
+    let vm = world.vm(&world.h1, &img);
+    let bystander = world.vm(&world.h1, &other);
+    vm.write(0, 0xab);
+    bystander.write(0, 0x11);
+
+    world.set(&world.h1, Link::Storage, false);
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-killed")),
+        "{reply:#}"
+    );
+    assert_eq!(reply["evidence"]["kill"]["executor"], "h3", "{reply:#}");
+    assert_eq!(reply["evidence"]["kill"]["qemu_found"], true);
+    assert!(vm.wait_gone(Duration::from_secs(5)), "the qemu is gone");
+    assert_vm_fence_of_h1_client(&world, &reply);
+    assert_bounded(&world, &reply);
+    eprintln!("storage down, management up: approve in {took:?}");
+
+    world.set(&world.h1, Link::Storage, true);
+    assert_eq!(world.image_byte(&img, 0), 0xab);
+    // The bystander's client survived the partition; its write lands once storage is back.
+    attempt_write(&bystander, 4096, 0x22, Duration::from_secs(60));
+    assert_eq!(
+        world.image_byte(&other, 4096),
+        0x22,
+        "the host's other VM writes again"
+    );
+}
+
+/// A dead host (both links down): no SSH, the VM's client is fenced from the evidence alone.
+/// Then the host comes back: the old VM's writes never land, the lifecycle finds its qemu over
+/// SSH, stops it, and lifts the fence once the VM is proven gone — and the host's other VM,
+/// never fenced, writes again.
+#[test]
+fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stopped() {
+    let world = World::new(Settings {
+        lifecycle_secs: 2,
+        ..Settings::default()
+    });
+    let img = world.image("dead-host");
+    let other = world.image("bystander");
+    let vm = world.vm(&world.h1, &img);
+    let bystander = world.vm(&world.h1, &other);
+    vm.write(0, 0xab);
+    bystander.write(0, 0x11);
+
+    world.set(&world.h1, Link::Mgmt, false);
+    world.set(&world.h1, Link::Storage, false);
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    assert_vm_fence_of_h1_client(&world, &reply);
+    assert_bounded(&world, &reply);
+    eprintln!("both links down: approve in {took:?}");
+    let fence_id = reply["fence_id"].as_str().unwrap().to_string();
+    assert!(vm.alive(), "the old VM lives on in the partition");
+
+    // The host returns. Its VM tries to write at once: it never lands.
+    world.set(&world.h1, Link::Storage, true);
+    world.set(&world.h1, Link::Mgmt, true);
+    let healed = Instant::now();
+    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
+    assert_eq!(
+        world.image_byte(&img, 0),
+        0xab,
+        "the old VM's write did not land"
+    );
+
+    // The lifecycle stops it and lifts the fence once it is proven gone.
+    assert!(
+        vm.wait_gone(Duration::from_secs(60)),
+        "the lifecycle stopped the old VM"
+    );
+    let stopped = healed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let record = world.fence_record(&fence_id);
+        if record["state"]["in_force"] == false {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fence is lifted once the VM is gone: {record:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fenced = entries(&reply);
+    let listed = world.blocklist();
+    assert!(
+        fenced.iter().all(|e| !listed.contains(e)),
+        "its entries are lifted: {listed:?}"
+    );
+    eprintln!("healed: old VM stopped {stopped:?} after, fence lifted");
+    assert_eq!(world.image_byte(&img, 0), 0xab, "and never wrote");
+
+    attempt_write(&bystander, 4096, 0x22, Duration::from_secs(60));
+    assert_eq!(
+        world.image_byte(&other, 4096),
+        0x22,
+        "the host's other VM writes again"
+    );
+}
