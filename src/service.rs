@@ -283,10 +283,15 @@ impl Service {
                         joined.clone(),
                     ));
                     let r = req.clone();
+                    let since = Since::now();
                     let fut = async move {
                         task.await.unwrap_or_else(|e| {
                             // Only if the service's own wrapper panicked; the fence is not known.
-                            Arc::new(internal_error(&r, &format!("the fence task failed: {e}")))
+                            Arc::new(internal_error(
+                                &r,
+                                &format!("the fence task failed: {e}"),
+                                &since,
+                            ))
                         })
                     }
                     .boxed()
@@ -317,6 +322,7 @@ impl Service {
         joined: Arc<Mutex<Vec<String>>>,
     ) -> Arc<FenceRecord> {
         let ledger = self.engine.ledger.clone();
+        let since = Since::now();
         let _fencing = self.host_lock(&req.failed_host).read_owned().await;
         let digest = key_digest(&key);
         // Several instances share the ledger: one fences a host at a time, under its lease.
@@ -331,7 +337,8 @@ impl Service {
         };
         let record = match lease {
             Some(Err(why)) => {
-                let record = deny_record(&req, DenyReason::LedgerFailed, &why);
+                let mut record = deny_record(&req, DenyReason::LedgerFailed, &why, &since);
+                record.stages_ms.insert("lease".into(), since.elapsed_ms());
                 ledger.record_deny(record.clone()).await;
                 record
             }
@@ -381,13 +388,14 @@ impl Service {
     }
 
     async fn fence_catching_panics(&self, req: &FenceRequest) -> FenceRecord {
+        let since = Since::now();
         let engine = self.engine.clone();
         let r = req.clone();
         match tokio::spawn(async move { engine.fence(&r).await }).await {
             Ok(record) => record,
             Err(e) => {
                 // Still a recorded decision (rule 5); a deny whatever the ledger says.
-                let record = internal_error(req, &format!("the fence task failed: {e}"));
+                let record = internal_error(req, &format!("the fence task failed: {e}"), &since);
                 self.engine.ledger.record_deny(record.clone()).await;
                 record
             }
@@ -635,12 +643,38 @@ impl Service {
 }
 
 /// A deny for a fence that could not run to its decision (a bug, not a Ceph or SSH answer).
-fn internal_error(req: &FenceRequest, message: &str) -> FenceRecord {
-    deny_record(req, DenyReason::InternalError, message)
+fn internal_error(req: &FenceRequest, message: &str, since: &Since) -> FenceRecord {
+    deny_record(req, DenyReason::InternalError, message, since)
+}
+
+/// When the service began on a request: the start a deny of its own reports, so that its
+/// `started_at` and `duration_ms` tell the time really spent (a lease that could not be taken
+/// can take seconds).
+struct Since {
+    at: String,
+    instant: std::time::Instant,
+}
+
+impl Since {
+    fn now() -> Since {
+        Since {
+            at: crate::fence::driver::now_rfc3339(),
+            instant: std::time::Instant::now(),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.instant.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// A deny recorded without running the fence.
-fn deny_record(req: &FenceRequest, reason: DenyReason, message: &str) -> FenceRecord {
+fn deny_record(
+    req: &FenceRequest,
+    reason: DenyReason,
+    message: &str,
+    since: &Since,
+) -> FenceRecord {
     let d = Decision::Deny(reason);
     FenceRecord {
         renewed: Vec::new(),
@@ -650,7 +684,7 @@ fn deny_record(req: &FenceRequest, reason: DenyReason, message: &str) -> FenceRe
         target_host: req.target_host.clone(),
         volumes: req.volumes.iter().map(ToString::to_string).collect(),
         dry_run: req.dry_run,
-        started_at: crate::fence::driver::now_rfc3339(),
+        started_at: since.at.clone(),
         stages_ms: Default::default(),
         reply: FenceReply {
             fence_id: crate::fence::driver::new_fence_id(),
@@ -659,7 +693,7 @@ fn deny_record(req: &FenceRequest, reason: DenyReason, message: &str) -> FenceRe
             reason: d.reason().into(),
             message: message.into(),
             evidence: EvidenceReport::default(),
-            duration_ms: 0,
+            duration_ms: since.elapsed_ms(),
         },
     }
 }

@@ -20,7 +20,8 @@ use serde_json::Value;
 use common::netns::Link;
 use common::vm::Vm;
 use common::world::{
-    BLOCKLIST_TIMEOUT_MS, DEADLINE_MS, EVIDENCE_TIMEOUT_MS, SSH_TIMEOUT_MS, Settings, World,
+    BLOCKLIST_TIMEOUT_MS, DEADLINE_MS, EVIDENCE_TIMEOUT_MS, OP_TIMEOUT_MS, SSH_TIMEOUT_MS,
+    Settings, World,
 };
 
 /// The fence's recorded stage timings keep their bounds, and the whole fence its deadline.
@@ -243,5 +244,107 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
         world.image_byte(&other, 4096),
         0x22,
         "the host's other VM writes again"
+    );
+}
+
+/// The failed host's sshd hangs (stopped, not refusing): TCP connects, no banner ever comes.
+/// That is no proof of death; the VM's own client is fenced, and the host's other VM writes on.
+#[test]
+fn e2e_hung_sshd_is_no_proof_the_vm_fence_holds() {
+    let world = World::new(Settings::default());
+    let img = world.image("sshd-hung");
+    let other = world.image("bystander");
+    let vm = world.vm(&world.h1, &img);
+    let bystander = world.vm(&world.h1, &other);
+    vm.write(0, 0xab);
+    bystander.write(0, 0x11);
+
+    world.h1_sshd.freeze();
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    world.h1_sshd.thaw();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["outcome"].as_str()),
+        (Some("approve"), Some("success-ssh-unreachable")),
+        "{reply:#}"
+    );
+    assert_vm_fence_of_h1_client(&world, &reply);
+    assert_bounded(&world, &reply);
+    eprintln!("sshd hung: approve in {took:?}");
+    assert!(vm.alive());
+    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
+    assert_eq!(
+        world.image_byte(&img, 0),
+        0xab,
+        "the old VM's write did not land"
+    );
+    bystander.write(4096, 0x22);
+    assert_eq!(world.image_byte(&other, 4096), 0x22);
+}
+
+/// The cluster itself fails under a fence. The OSD stopped: the evidence cannot be read, so
+/// `deny` and nothing is done. The mon stopped: no blocklist entry can be committed, so `deny`
+/// `blocklist-failed`, even though SSH could reach the host. Each within its stage's bound;
+/// and once the mon answers again, a retry is approved and the VM's writes stop landing.
+#[test]
+fn e2e_osd_or_mon_stopped_mid_fence_is_deny_and_a_retry_succeeds() {
+    let world = World::new(Settings::default());
+    let img = world.image("cluster-faults");
+    let vm = world.vm(&world.h1, &img);
+    vm.write(0, 0xab);
+    let before = world.blocklist();
+
+    let osd = world.cluster.daemon_pid("osd.0").unwrap();
+    common::signal(osd, libc::SIGSTOP);
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    common::signal(osd, libc::SIGCONT);
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(reply["decision"], "deny", "{reply:#}");
+    assert_eq!(reply["outcome"], "failed", "{reply:#}");
+    eprintln!("OSD stopped: deny {} in {took:?}", reply["reason"]);
+    // The reply's duration is the time to the decision: all of it but recording the deny
+    // (one RADOS write, which fails here after the op timeout).
+    let ms = u128::from(reply["duration_ms"].as_u64().unwrap());
+    assert!(
+        ms + u128::from(OP_TIMEOUT_MS) + 1000 >= took.as_millis() && ms <= took.as_millis(),
+        "the reply tells the time the deny took: {ms} ms of {took:?}"
+    );
+    assert!(vm.alive(), "a deny does nothing");
+    assert_eq!(world.blocklist(), before, "a deny blocklists nothing");
+
+    let mon = world.cluster.daemon_pid("mon.a").unwrap();
+    common::signal(mon, libc::SIGSTOP);
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    common::signal(mon, libc::SIGCONT);
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["reason"].as_str()),
+        (Some("deny"), Some("blocklist-failed")),
+        "{reply:#}"
+    );
+    assert!(
+        took < Duration::from_millis(BLOCKLIST_TIMEOUT_MS + SSH_TIMEOUT_MS),
+        "{took:?}"
+    );
+    eprintln!("mon stopped: deny blocklist-failed in {took:?}");
+
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(reply["decision"], "approve", "{reply:#}");
+    assert_bounded(&world, &reply);
+    eprintln!("mon back: retry {} in {took:?}", reply["outcome"]);
+    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
+    assert_eq!(
+        world.image_byte(&img, 0),
+        0xab,
+        "the old VM's write did not land"
     );
 }

@@ -48,9 +48,11 @@ impl Default for Settings {
 
 /// The configured bounds a fence's stages must keep (see the config written below).
 pub const SSH_TIMEOUT_MS: u64 = 20_000;
-pub const BLOCKLIST_TIMEOUT_MS: u64 = 10_000;
-pub const EVIDENCE_TIMEOUT_MS: u64 = 10_000;
+pub const BLOCKLIST_TIMEOUT_MS: u64 = 4_000;
+pub const EVIDENCE_TIMEOUT_MS: u64 = 4_000;
 pub const DEADLINE_MS: u64 = 40_000;
+/// `ceph.op_timeout_secs`: every RADOS and mon call of the service.
+pub const OP_TIMEOUT_MS: u64 = 3_000;
 
 pub struct World {
     pub service: Option<ServeProcess>,
@@ -94,7 +96,7 @@ listen = "127.0.0.1:0"
 [ceph]
 conf = "{conf}"
 id = "rbdfence"
-op_timeout_secs = 5
+op_timeout_secs = {op}
 connect_timeout_secs = 5
 [fence]
 blocklist_expire_secs = 600
@@ -129,6 +131,7 @@ storage_addrs = ["{h3_storage}"]
 ssh = "{h3_ssh}"
 "#,
             conf = cluster.conf.display(),
+            op = OP_TIMEOUT_MS / 1000,
             deadline = DEADLINE_MS / 1000,
             evidence = EVIDENCE_TIMEOUT_MS / 1000,
             blocklist = BLOCKLIST_TIMEOUT_MS / 1000,
