@@ -115,7 +115,7 @@ impl Rados {
 
 /// `osd blocklist ls` answers with two JSON arrays back to back: addresses, then ranges
 /// (older mons send only the first). A plain JSON parse fails on that; stream the values.
-fn parse_ls(out: &[u8]) -> Result<Vec<BlocklistItem>, String> {
+pub(crate) fn parse_ls(out: &[u8]) -> Result<Vec<BlocklistItem>, String> {
     let mut items = Vec::new();
     let stream = serde_json::Deserializer::from_slice(out).into_iter::<Vec<RawItem>>();
     for (i, array) in stream.enumerate() {
@@ -153,7 +153,11 @@ fn range_to_cidr(s: &str) -> String {
 /// returns the same instant as RFC 3339 in UTC, or `None` when it is not such a time.
 pub fn ceph_time_to_rfc3339(s: &str) -> Option<String> {
     let s = s.trim().replacen(' ', "T", 1);
-    let normalized = match s.len().checked_sub(5).map(|i| s.split_at(i)) {
+    let normalized = match s
+        .len()
+        .checked_sub(5)
+        .and_then(|i| s.split_at_checked(i))
+    {
         // "+0000" → "+00:00"
         Some((head, off))
             if (off.starts_with('+') || off.starts_with('-'))
@@ -170,6 +174,17 @@ pub fn ceph_time_to_rfc3339(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `blocklist_ls` fuzz target: a multi-byte character where the offset
+    /// would start made the time parser slice inside it and panic.
+    #[test]
+    fn a_time_with_a_multibyte_character_is_no_time_and_no_panic() {
+        assert_eq!(ceph_time_to_rfc3339("2026-11-29T21:80:00.00000\u{645}0000"), None);
+        assert_eq!(ceph_time_to_rfc3339("2026-11-29T21:00:00.000000+\u{e9}00"), None);
+        let out = "[{\"addr\":\"127.0.0.9:0/0\",\"until\":\"2026-11-29T21:80:00.00000\u{645}0000\"}]";
+        let items = parse_ls(out.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(items.len(), 1);
+    }
 
     #[test]
     fn parses_both_arrays_of_ls() {
