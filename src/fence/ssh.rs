@@ -1199,7 +1199,7 @@ fn parse_line(line: &str) -> Result<ReportLine<'_>, &'static str> {
 /// requested uuid (in any order, each once, no other), each consistent on its own and all
 /// consistent with each other — the same batch-wide `unknown` pids with the same alive ones,
 /// and no pid found under two uuids. Returns the reports in the order of `vms`.
-fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillReport>, &'static str> {
+pub(crate) fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillReport>, &'static str> {
     let body = stdout
         .strip_suffix('\n')
         .ok_or("not newline-terminated lines")?;
@@ -1348,7 +1348,7 @@ impl client::Handler for Verifier {
 }
 
 /// The name OpenSSH files a host under: `ip` for port 22, `[ip]:port` otherwise.
-fn known_hosts_name(addr: SocketAddr) -> String {
+pub(crate) fn known_hosts_name(addr: SocketAddr) -> String {
     if addr.port() == 22 {
         addr.ip().to_string()
     } else {
@@ -1357,14 +1357,18 @@ fn known_hosts_name(addr: SocketAddr) -> String {
 }
 
 /// A parsed `known_hosts` file.
-struct KnownHosts {
+pub(crate) struct KnownHosts {
     path: PathBuf,
     /// (1-based line number, entry)
     entries: Vec<(usize, Entry)>,
+    /// `@revoked` lines that do not parse: (line number, their words). A key whose base64
+    /// blob is one of the words is refused for every host — a mistyped revocation must not
+    /// be skipped the way OpenSSH skips other bad lines, or the key it revokes stays trusted.
+    broken_revocations: Vec<(usize, Vec<String>)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Trusted,
     Unknown,
     Changed { line: usize },
@@ -1383,8 +1387,9 @@ impl KnownHosts {
         Ok(KnownHosts::parse(path, &text))
     }
 
-    fn parse(path: &Path, text: &str) -> KnownHosts {
+    pub(crate) fn parse(path: &Path, text: &str) -> KnownHosts {
         let mut entries = Vec::new();
+        let mut broken_revocations = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -1394,6 +1399,14 @@ impl KnownHosts {
             let normalised = line.split_whitespace().collect::<Vec<_>>().join(" ");
             match normalised.parse::<Entry>() {
                 Ok(entry) => entries.push((index + 1, entry)),
+                Err(e) if normalised.starts_with("@revoked") => {
+                    tracing::warn!(
+                        path = %path.display(), line = index + 1, error = %e,
+                        "a @revoked known_hosts line does not parse: the key in it is refused for every host"
+                    );
+                    let words = normalised.split(' ').skip(1).map(String::from).collect();
+                    broken_revocations.push((index + 1, words));
+                }
                 Err(e) => tracing::warn!(
                     path = %path.display(), line = index + 1, error = %e,
                     "skipping unparsable known_hosts line"
@@ -1403,6 +1416,7 @@ impl KnownHosts {
         KnownHosts {
             path: path.to_owned(),
             entries,
+            broken_revocations,
         }
     }
 
@@ -1416,7 +1430,18 @@ impl KnownHosts {
             .map(|(line, e)| (*line, e))
     }
 
-    fn verify(&self, name: &str, key: &PublicKey) -> Verdict {
+    pub(crate) fn verify(&self, name: &str, key: &PublicKey) -> Verdict {
+        if let Some(blob) = key
+            .to_openssh()
+            .ok()
+            .and_then(|t| t.split(' ').nth(1).map(String::from))
+            && let Some((line, _)) = self
+                .broken_revocations
+                .iter()
+                .find(|(_, words)| words.contains(&blob))
+        {
+            return Verdict::Revoked { line: *line };
+        }
         let mut first_other = None;
         let mut trusted = false;
         for (line, entry) in self.applicable(name) {
@@ -1439,7 +1464,7 @@ impl KnownHosts {
 
     /// The host-key algorithms to ask `name` for: those of its recorded keys, in russh's order
     /// of preference. Empty when nothing is recorded.
-    fn algorithms_for(&self, name: &str) -> Vec<Algorithm> {
+    pub(crate) fn algorithms_for(&self, name: &str) -> Vec<Algorithm> {
         let recorded: Vec<Algorithm> = self
             .applicable(name)
             .filter(|(_, e)| e.marker().is_none())
@@ -2497,6 +2522,33 @@ mod tests {
             vec![Algorithm::Ed25519]
         );
         assert!(kh.algorithms_for("10.0.0.1").is_empty());
+    }
+
+    /// Found by the `known_hosts` fuzz target: a `@revoked` line whose key type is mistyped
+    /// does not parse, and was skipped — so the very key it revokes was trusted through the
+    /// host's plain line. A revocation is never lost that way: its key is refused for every
+    /// host, whatever the rest of the line says.
+    #[test]
+    fn a_revocation_that_does_not_parse_still_revokes_its_key() {
+        let blob = ED_A.split_whitespace().nth(1).unwrap_or_default();
+        let text = format!(
+            "[127.0.0.6]:2222 {ED_A}\n\
+             @revoked [127.0.0.6]:2222 ssh-ed19995 {blob}\n\
+             @revoked\t127.0.0.9  {blob} trailing words\n\
+             [127.0.0.7]:2222 {ED_B}\n\
+             @revoked [127.0.0.7]:2222 ssh-ed25519 AAAA!!notbase64\n"
+        );
+        let kh = KnownHosts::parse(Path::new("/kh"), &text);
+        assert_eq!(
+            kh.verify("[127.0.0.6]:2222", &key(ED_A)),
+            Verdict::Revoked { line: 2 }
+        );
+        assert_eq!(
+            kh.verify("[127.0.0.8]:2222", &key(ED_A)),
+            Verdict::Revoked { line: 2 }
+        );
+        // A revocation with no key in it revokes nothing it could name.
+        assert_eq!(kh.verify("[127.0.0.7]:2222", &key(ED_B)), Verdict::Trusted);
     }
 
     #[test]
