@@ -180,6 +180,12 @@ fn json_body<T: DeserializeOwned>(
             e.body_text(),
         )
     })?;
+    parse_json(&body)
+}
+
+/// A JSON request body of shape `T`: exactly one value and nothing after it but whitespace;
+/// errors name the field.
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let invalid = |inner: serde_json::Error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -187,7 +193,7 @@ fn json_body<T: DeserializeOwned>(
             format!("invalid JSON body: {inner}"),
         )
     };
-    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let de = &mut serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -312,6 +318,13 @@ async fn pre_instantiate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let b: PreInstantiateBody = json_body(&headers, body)?;
+    let req = pre_instantiate_request(b)?;
+    let record = run_fence(&svc, req).await?;
+    Ok(axum::Json(record.reply).into_response())
+}
+
+/// A pre-instantiate body's fields checked into a fence request.
+fn pre_instantiate_request(b: PreInstantiateBody) -> Result<FenceRequest, ApiError> {
     let req = FenceRequest {
         request_id: check_request_id(b.request_id)?,
         vm: check_vm("vm_uuid", &b.vm_uuid)?,
@@ -323,8 +336,33 @@ async fn pre_instantiate(
     if req.failed_host == req.target_host {
         return Err(ApiError::bad("target_host", "must differ from failed_host"));
     }
-    let record = run_fence(&svc, req).await?;
-    Ok(axum::Json(record.reply).into_response())
+    Ok(req)
+}
+
+/// The body of `POST /v1/pre-instantiate` decoded and checked as the handler does it, for
+/// the fuzz targets: `Err` carries the error reply's code and message.
+pub fn decode_pre_instantiate(body: &[u8]) -> Result<FenceRequest, (&'static str, String)> {
+    parse_json(body)
+        .and_then(pre_instantiate_request)
+        .map_err(|e| (e.code, e.message))
+}
+
+/// The body of `POST /ha/sibling-fence-vm` decoded and its fields checked as the handler does
+/// (before it looks at the inventory), for the fuzz targets.
+pub fn decode_sibling_fence(body: &[u8]) -> Result<FenceRequest, (&'static str, String)> {
+    let check = || -> Result<FenceRequest, ApiError> {
+        let b: SiblingFenceBody = parse_json(body)?;
+        check_host("clusterUuid", &b.cluster_uuid)?;
+        Ok(FenceRequest {
+            request_id: None,
+            vm: check_vm("vmUuid", &b.vm_uuid)?,
+            failed_host: check_host("failedHostUuid", &b.failed_host_uuid)?,
+            target_host: check_host("haTargetHostUuid", &b.ha_target_host_uuid)?,
+            volumes: check_volumes("volumes", b.volumes, false)?,
+            dry_run: false,
+        })
+    };
+    check().map_err(|e| (e.code, e.message))
 }
 
 #[derive(Deserialize)]

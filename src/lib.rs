@@ -8,6 +8,8 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod fence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod rbd;
 pub mod serve;

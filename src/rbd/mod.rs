@@ -22,14 +22,14 @@ mod ffi {
 }
 
 pub mod addr;
-mod blocklist;
+pub(crate) mod blocklist;
 pub mod client;
 mod cluster;
 pub mod errno;
 mod error;
 mod image;
 mod ioctx;
-mod lock_info;
+pub(crate) mod lock_info;
 mod object;
 
 pub use addr::{AddrError, BlocklistEntry, Cidr, EntityAddr};
