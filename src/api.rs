@@ -622,13 +622,16 @@ async fn metrics(State(svc): State<Arc<Service>>) -> Response {
         .into_response()
 }
 
+/// Ready when connected to Ceph as a user that may add blocklist entries and ranges; the body
+/// says why not (or what the user lacks).
 async fn readyz(State(svc): State<Arc<Service>>) -> Response {
-    if svc.link.is_healthy() {
-        (StatusCode::OK, "ready: connected to Ceph\n").into_response()
+    let r = svc.link.readiness();
+    if r.ready {
+        (StatusCode::OK, format!("ready: {}\n", r.why)).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not connected to Ceph\n",
+            format!("not ready: {}\n", r.why),
         )
             .into_response()
     }

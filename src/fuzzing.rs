@@ -70,7 +70,10 @@ pub fn blocklist_ls(data: &[u8]) {
 pub fn requests(data: &[u8]) {
     if let Ok(req) = crate::api::decode_pre_instantiate(data) {
         assert_ne!(req.failed_host, req.target_host);
-        assert!(!req.volumes.is_empty(), "a pre-instantiate names its volumes");
+        assert!(
+            !req.volumes.is_empty(),
+            "a pre-instantiate names its volumes"
+        );
         for v in &req.volumes {
             round_trip::<ImageSpec>(&v.to_string());
         }

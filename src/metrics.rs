@@ -557,6 +557,7 @@ fn ceph_op_label(op: Op) -> &'static str {
         Op::BlocklistAdd => "blocklist_add",
         Op::BlocklistRm => "blocklist_rm",
         Op::BlocklistLs => "blocklist_ls",
+        Op::BlocklistProbe => "blocklist_probe",
         Op::ObjectWrite | Op::ObjectRead | Op::ObjectList | Op::ObjectLock => "ledger",
         Op::WaitForLatestOsdmap => "wait_for_latest_osdmap",
         Op::OsdmapEpoch | Op::MonCommand => "osdmap_epoch",

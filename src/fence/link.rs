@@ -14,14 +14,26 @@ use std::time::Duration;
 
 use crate::rbd::client::CallObserver;
 use crate::rbd::{
-    BlocklistEntry, BlocklistItem, Ceph, CephError, ConnectOptions, EntityAddr, ImageSpec,
-    ImageStatus, Op,
+    BlocklistEntry, BlocklistItem, BlocklistRights, Ceph, CephError, ConnectOptions, EntityAddr,
+    ImageSpec, ImageStatus, Op,
 };
 
 use super::driver::CephPort;
 
 /// Consecutive failed health checks before a fresh connection is tried.
 const RECONNECT_AFTER_FAILURES: u32 = 3;
+
+/// How often the blocklist rights are asked again while they are known to be complete (a
+/// check that found them lacking or unknown asks again at the next health check).
+const RIGHTS_RECHECK: Duration = Duration::from_secs(60);
+
+/// Whether the service can do its job, and why not: `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// One line for operators.
+    pub why: String,
+}
 
 struct Conn {
     ceph: Ceph,
@@ -34,6 +46,8 @@ pub struct CephLink {
     conn: RwLock<Option<Arc<Conn>>>,
     last_error: RwLock<Option<CephError>>,
     healthy: AtomicBool,
+    /// What the user may do with the blocklist, as last asked, and when.
+    rights: RwLock<Option<(Result<BlocklistRights, CephError>, std::time::Instant)>>,
     /// Told whenever `healthy` changes (metrics gauge).
     on_health: Option<Arc<dyn Fn(bool) + Send + Sync>>,
 }
@@ -51,6 +65,7 @@ impl CephLink {
             conn: RwLock::new(None),
             last_error: RwLock::new(None),
             healthy: AtomicBool::new(false),
+            rights: RwLock::new(None),
             on_health,
         });
         link.try_connect().await;
@@ -80,6 +95,7 @@ impl CephLink {
                 *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(conn));
                 *self.last_error.write().unwrap_or_else(|p| p.into_inner()) = None;
                 self.set_healthy(true);
+                self.ask_rights(true).await;
                 true
             }
             Err(e) => {
@@ -103,6 +119,77 @@ impl CephLink {
     /// Connected and answering the last health check.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Asks the monitors what the user may do with the blocklist: always when `now`, else
+    /// when the last answer was lacking, unknown, or older than [`RIGHTS_RECHECK`].
+    async fn ask_rights(&self, now: bool) {
+        let due = now
+            || match &*self.rights.read().unwrap_or_else(|p| p.into_inner()) {
+                Some((Ok(r), at)) => {
+                    !(r.add && r.range_add && r.rm) || at.elapsed() >= RIGHTS_RECHECK
+                }
+                _ => true,
+            };
+        let Ok(conn) = self.current() else { return };
+        if !due {
+            return;
+        }
+        let answer = conn.ceph.blocklist_rights().await;
+        match &answer {
+            Ok(r) if r.add && r.range_add && r.rm => {}
+            Ok(r) => {
+                tracing::warn!(id = %self.opts.id, rights = ?r, "the Ceph user lacks blocklist rights")
+            }
+            Err(e) => {
+                tracing::warn!(id = %self.opts.id, error = %e, "cannot tell the Ceph user's blocklist rights")
+            }
+        }
+        *self.rights.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((answer, std::time::Instant::now()));
+    }
+
+    /// Ready: connected, answering, and the user may add blocklist entries and ranges (without
+    /// them no storage fence is possible, and a service that can only kill over SSH must not
+    /// look healthy). A user that may not lift entries is ready, and said to be lacking.
+    pub fn readiness(&self) -> Readiness {
+        let user = format!("client.{}", self.opts.id);
+        if !self.is_healthy() {
+            let why = match self.current() {
+                Err(e) => format!("not connected to Ceph: {e}"),
+                Ok(_) => "connected to Ceph, but it does not answer the health check".into(),
+            };
+            return Readiness { ready: false, why };
+        }
+        match &*self.rights.read().unwrap_or_else(|p| p.into_inner()) {
+            None => Readiness {
+                ready: false,
+                why: format!("connected to Ceph as {user}; its blocklist rights are not known yet"),
+            },
+            Some((Err(e), _)) => Readiness {
+                ready: false,
+                why: format!(
+                    "connected to Ceph as {user}, but cannot tell whether it may blocklist: {e}"
+                ),
+            },
+            Some((Ok(r), _)) if !(r.add && r.range_add) => Readiness {
+                ready: false,
+                why: format!(
+                    "connected to Ceph as {user}, but it may not add blocklist {} (the monitors answer EACCES): no storage fence is possible, so every fence an SSH scan cannot settle is a deny (blocklist-failed); give it the caps the README documents",
+                    if r.add { "ranges" } else { "entries" }
+                ),
+            },
+            Some((Ok(r), _)) if !r.rm => Readiness {
+                ready: true,
+                why: format!(
+                    "connected to Ceph as {user}; it may add blocklist entries but not lift them (osd blocklist rm is refused): fences stay in force until they lapse"
+                ),
+            },
+            Some((Ok(_), _)) => Readiness {
+                ready: true,
+                why: format!("connected to Ceph as {user}; it may add and lift blocklist entries"),
+            },
+        }
     }
 
     fn current(&self) -> Result<Arc<Conn>, CephError> {
@@ -131,6 +218,9 @@ impl CephLink {
             Ok(c) => {
                 let ok = c.ceph.osdmap_epoch().await.is_ok();
                 self.set_healthy(ok);
+                if ok {
+                    self.ask_rights(false).await;
+                }
                 ok
             }
             Err(_) => self.try_connect().await,

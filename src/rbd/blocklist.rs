@@ -46,7 +46,59 @@ fn command(op: &str, entry: &BlocklistEntry, expire: Option<Duration>) -> serde_
     cmd
 }
 
+/// What the service's cephx user may do with the blocklist, as the monitors answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlocklistRights {
+    /// `osd blocklist add` of an exact entry (a VM's client, a whole IP).
+    pub add: bool,
+    /// `osd blocklist range add` (keeping a host's fence in force without a gap).
+    pub range_add: bool,
+    /// `osd blocklist rm` / `range rm` (lifting a fence).
+    pub rm: bool,
+}
+
+/// No address, yet of the shape `profile rbd` grants `osd blocklist add` on
+/// (`^[^/]+/[0-9]+$`): a monitor that lets a command naming it past the capability check can
+/// only refuse it as unparsable.
+const PROBE_ADDR: &str = "rbdfence-permission-probe/0";
+
 impl Rados {
+    /// Asks the monitors whether this user may add (exact entries and ranges) and remove
+    /// blocklist entries, without changing anything: each command names [`PROBE_ADDR`], so a
+    /// monitor whose capability check lets it through refuses it as unparsable (`EINVAL`,
+    /// "unable to parse address"), and one whose check does not answers `EACCES`. Any other
+    /// answer is an error: the rights are then unknown, never assumed.
+    ///
+    /// Implements: `rados_mon_command` (`osd blocklist [range] add|rm`, refused).
+    pub fn blocklist_rights(&self) -> Result<BlocklistRights, CephError> {
+        let ask = |op: &str, range: bool| -> Result<bool, CephError> {
+            let mut cmd = json!({
+                "prefix": "osd blocklist",
+                "blocklistop": op,
+                "addr": PROBE_ADDR,
+            });
+            if range {
+                cmd["range"] = json!("range");
+            }
+            match self.mon_command(Op::BlocklistProbe, PROBE_ADDR, &cmd) {
+                Err(e) if e.errno == libc::EACCES => Ok(false),
+                Err(e) if e.errno == libc::EINVAL && e.message.contains("parse") => Ok(true),
+                Err(e) => Err(e),
+                Ok(_) => Err(CephError::new(
+                    Op::BlocklistProbe,
+                    PROBE_ADDR,
+                    libc::EPROTO,
+                    "the monitors accepted a blocklist command that names no address",
+                )),
+            }
+        };
+        Ok(BlocklistRights {
+            add: ask("add", false)?,
+            range_add: ask("add", true)?,
+            rm: ask("rm", false)?,
+        })
+    }
+
     /// Adds a blocklist entry, committed by the monitors when this returns. Does not wait for
     /// this client's osdmap to catch up: call [`Rados::wait_for_latest_osdmap`] for that.
     ///
@@ -153,11 +205,7 @@ fn range_to_cidr(s: &str) -> String {
 /// returns the same instant as RFC 3339 in UTC, or `None` when it is not such a time.
 pub fn ceph_time_to_rfc3339(s: &str) -> Option<String> {
     let s = s.trim().replacen(' ', "T", 1);
-    let normalized = match s
-        .len()
-        .checked_sub(5)
-        .and_then(|i| s.split_at_checked(i))
-    {
+    let normalized = match s.len().checked_sub(5).and_then(|i| s.split_at_checked(i)) {
         // "+0000" → "+00:00"
         Some((head, off))
             if (off.starts_with('+') || off.starts_with('-'))
@@ -179,9 +227,16 @@ mod tests {
     /// would start made the time parser slice inside it and panic.
     #[test]
     fn a_time_with_a_multibyte_character_is_no_time_and_no_panic() {
-        assert_eq!(ceph_time_to_rfc3339("2026-11-29T21:80:00.00000\u{645}0000"), None);
-        assert_eq!(ceph_time_to_rfc3339("2026-11-29T21:00:00.000000+\u{e9}00"), None);
-        let out = "[{\"addr\":\"127.0.0.9:0/0\",\"until\":\"2026-11-29T21:80:00.00000\u{645}0000\"}]";
+        assert_eq!(
+            ceph_time_to_rfc3339("2026-11-29T21:80:00.00000\u{645}0000"),
+            None
+        );
+        assert_eq!(
+            ceph_time_to_rfc3339("2026-11-29T21:00:00.000000+\u{e9}00"),
+            None
+        );
+        let out =
+            "[{\"addr\":\"127.0.0.9:0/0\",\"until\":\"2026-11-29T21:80:00.00000\u{645}0000\"}]";
         let items = parse_ls(out.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(items.len(), 1);
     }

@@ -202,6 +202,12 @@ impl Ceph {
             .await
     }
 
+    /// What this user may do with the blocklist (see [`Rados::blocklist_rights`]).
+    pub async fn blocklist_rights(&self) -> Result<crate::rbd::BlocklistRights, CephError> {
+        self.call(Op::BlocklistProbe, String::new(), |r| r.blocklist_rights())
+            .await
+    }
+
     /// Waits until this client has the latest osdmap the monitors know of.
     ///
     /// librados bounds this call by nothing (unlike most mon calls, it ignores

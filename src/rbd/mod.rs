@@ -33,7 +33,7 @@ pub(crate) mod lock_info;
 mod object;
 
 pub use addr::{AddrError, BlocklistEntry, Cidr, EntityAddr};
-pub use blocklist::{BlocklistItem, ceph_time_to_rfc3339};
+pub use blocklist::{BlocklistItem, BlocklistRights, ceph_time_to_rfc3339};
 pub use client::Ceph;
 pub use cluster::{ConnectOptions, LibraryVersions, Rados, Timeouts, library_versions};
 pub use error::{CephError, Op};

@@ -58,10 +58,14 @@ pub struct World {
     pub service: Option<ServeProcess>,
     pub h1_sshd: Sshd,
     pub h3_sshd: Sshd,
+    /// The cephx user the service runs as, and the ceph.conf that names its keyring.
+    pub ceph_user: (String, PathBuf),
     pub cluster: NsCluster,
     pub key: ClientKey,
+    pub known_hosts: PathBuf,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    pub settings: Settings,
     pub svc: Node,
     pub ceph: Node,
     pub h1: Node,
@@ -89,13 +93,39 @@ impl World {
         let known_hosts = dir.path().join("known_hosts");
         write_known_hosts(&known_hosts, &[&h1_sshd, &h3_sshd]);
         let config = dir.path().join("rbdfence.toml");
+        let mut world = World {
+            service: None,
+            h1_sshd,
+            h3_sshd,
+            ceph_user: ("rbdfence".into(), cluster.conf.clone()),
+            cluster,
+            key,
+            known_hosts,
+            dir,
+            config,
+            settings,
+            svc,
+            ceph,
+            h1,
+            h2,
+            h3,
+            net,
+        };
+        world.restart_service();
+        world
+    }
+
+    /// Writes the service's configuration and (re)starts it.
+    pub fn restart_service(&mut self) {
+        self.service = None;
+        let (id, conf) = &self.ceph_user;
         let text = format!(
             r#"
 [api]
 listen = "127.0.0.1:0"
 [ceph]
 conf = "{conf}"
-id = "rbdfence"
+id = "{id}"
 op_timeout_secs = {op}
 connect_timeout_secs = 5
 [fence]
@@ -130,42 +160,57 @@ cluster = "c1"
 storage_addrs = ["{h3_storage}"]
 ssh = "{h3_ssh}"
 "#,
-            conf = cluster.conf.display(),
+            conf = conf.display(),
             op = OP_TIMEOUT_MS / 1000,
             deadline = DEADLINE_MS / 1000,
             evidence = EVIDENCE_TIMEOUT_MS / 1000,
             blocklist = BLOCKLIST_TIMEOUT_MS / 1000,
             ssh = SSH_TIMEOUT_MS / 1000,
-            lifecycle = settings.lifecycle_secs,
-            identity = key.identity().display(),
-            known_hosts = known_hosts.display(),
-            connect = settings.ssh_connect_secs,
-            h1_storage = h1.storage.unwrap(),
-            h1_ssh = h1_sshd.addr(),
-            h2_storage = h2.storage.unwrap(),
-            h2_mgmt = h2.mgmt.unwrap(),
-            h3_storage = h3.storage.unwrap(),
-            h3_ssh = h3_sshd.addr(),
+            lifecycle = self.settings.lifecycle_secs,
+            identity = self.key.identity().display(),
+            known_hosts = self.known_hosts.display(),
+            connect = self.settings.ssh_connect_secs,
+            h1_storage = self.h1.storage.unwrap(),
+            h1_ssh = self.h1_sshd.addr(),
+            h2_storage = self.h2.storage.unwrap(),
+            h2_mgmt = self.h2.mgmt.unwrap(),
+            h3_storage = self.h3.storage.unwrap(),
+            h3_ssh = self.h3_sshd.addr(),
         );
-        std::fs::write(&config, text).unwrap();
-        let service = within(&svc.ns, || ServeProcess::start(&config));
-        World {
-            service: Some(service),
-            h1_sshd,
-            h3_sshd,
-            cluster,
-            key,
-            dir,
-            config,
-            svc,
-            ceph,
-            h1,
-            h2,
-            h3,
-            net,
-        }
+        std::fs::write(&self.config, text).unwrap();
+        self.service = Some(within(&self.svc.ns, || ServeProcess::start(&self.config)));
     }
 
+    /// Creates cephx user `client.NAME` with `caps` (`mon`, `'…'`, `osd`, `'…'`), and runs the
+    /// service as it from now on.
+    pub fn use_user(&mut self, name: &str, caps: &[String]) {
+        let keyring = self.dir.path().join(format!("{name}.keyring"));
+        let mut args: Vec<String> = vec![
+            "auth".into(),
+            "get-or-create".into(),
+            format!("client.{name}"),
+        ];
+        args.extend(caps.iter().cloned());
+        args.push("-o".into());
+        args.push(keyring.display().to_string());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cli("ceph", &args);
+        let conf = self.dir.path().join(format!("{name}.conf"));
+        let text: String = std::fs::read_to_string(&self.cluster.conf)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("keyring") {
+                    format!("keyring = {}\n", keyring.display())
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&conf, text).unwrap();
+        self.ceph_user = (name.to_string(), conf);
+        self.restart_service();
+    }
     /// Partitions (`up == false`) or heals one of `node`'s links.
     pub fn set(&self, node: &Node, link: Link, up: bool) {
         self.net.set(node, link, up);
