@@ -348,3 +348,115 @@ fn e2e_osd_or_mon_stopped_mid_fence_is_deny_and_a_retry_succeeds() {
         "the old VM's write did not land"
     );
 }
+
+/// A metric's value from the service's `/metrics` (0 when absent).
+fn metric(world: &World, name: &str) -> f64 {
+    let (_, text) = world.http("GET", "/metrics", None);
+    text.as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// ZStack's stuck case at scale: fifty VMs of a host whose management network is down, asked
+/// for all at once — twice each (with and without a request id) — plus fifty duplicates of one
+/// request: 150 requests. Each VM gets its own VM fence (its own client, the host never whole),
+/// every duplicate shares its VM's fence, and the monitors see a bounded number of commands.
+#[test]
+fn e2e_fifty_duplicates_and_a_hundred_requests_for_a_partitioned_host() {
+    const VMS: usize = 50;
+    let world = World::new(Settings::default());
+    let images: Vec<String> = (0..VMS).map(|i| world.image(&format!("many{i}"))).collect();
+    let vms: Vec<Vm> = images.iter().map(|img| world.vm(&world.h1, img)).collect();
+    for vm in &vms {
+        vm.write(0, 0xab);
+    }
+    let adds_before = metric(
+        &world,
+        "rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}",
+    );
+    world.set(&world.h1, Link::Mgmt, false);
+
+    let body = |i: usize, id: Option<String>| {
+        let mut b = serde_json::json!({
+            "vm_uuid": vms[i].uuid, "failed_host": "h1", "target_host": "h2",
+            "volumes": [images[i]],
+        });
+        if let Some(id) = id {
+            b["request_id"] = id.into();
+        }
+        b
+    };
+    let mut requests: Vec<(usize, Value)> = Vec::new();
+    for i in 0..VMS {
+        requests.push((i, body(i, None)));
+        requests.push((i, body(i, Some(format!("many-{i}")))));
+    }
+    for _ in 0..50 {
+        requests.push((0, body(0, None)));
+    }
+    let started = Instant::now();
+    let replies: Vec<(usize, Value, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|(i, b)| {
+                let world = &world;
+                s.spawn(move || {
+                    let (status, reply) = world.http("POST", "/v1/pre-instantiate", Some(b));
+                    assert_eq!(status, 200, "{reply:#}");
+                    (*i, reply, started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let slowest = replies.iter().map(|r| r.2).max().unwrap();
+    let mut fence_of_vm: Vec<Option<String>> = vec![None; VMS];
+    let mut fences = std::collections::BTreeSet::new();
+    for (i, reply, _) in &replies {
+        assert_eq!(
+            (reply["decision"].as_str(), reply["outcome"].as_str()),
+            (Some("approve"), Some("success-ssh-unreachable")),
+            "{reply:#}"
+        );
+        assert_vm_fence_of_h1_client(&world, reply);
+        let id = reply["fence_id"].as_str().unwrap().to_string();
+        fences.insert(id.clone());
+        match &fence_of_vm[*i] {
+            None => fence_of_vm[*i] = Some(id),
+            Some(first) => assert_eq!(first, &id, "VM {i}: one fence answers all its requests"),
+        }
+    }
+    assert_eq!(fences.len(), VMS, "one fence per VM");
+    for (_, reply, _) in replies.iter().take(2 * VMS).step_by(2) {
+        assert_bounded(&world, reply);
+    }
+    let adds = metric(
+        &world,
+        "rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}",
+    ) - adds_before;
+    let peak = metric(
+        &world,
+        "rbdfence_ceph_calls_in_flight_peak{op=\"blocklist_add\"}",
+    );
+    let entries = world.blocklist();
+    assert_eq!(entries.len(), VMS, "exactly the fifty clients: {entries:?}");
+    eprintln!(
+        "{} requests, {VMS} VMs, management down: all approved in {slowest:?}; \
+         {adds} blocklist commands, at most {peak} at once",
+        replies.len()
+    );
+    assert!(
+        adds <= VMS as f64,
+        "{adds} blocklist commands for {VMS} clients"
+    );
+    for i in [0, VMS / 2, VMS - 1] {
+        attempt_write(&vms[i], 0, 0xcd, Duration::from_secs(20));
+        assert_eq!(
+            world.image_byte(&images[i], 0),
+            0xab,
+            "VM {i}'s write did not land"
+        );
+    }
+}
