@@ -473,8 +473,47 @@ async fn e2e_unknown_or_changed_host_keys_and_bad_identity_are_refused() {
     assert!(matches!(err, SshError::Auth { .. }), "{err}");
     assert_eq!(err.label(), "auth");
 
+    // The host's true key, revoked: refused, also when the revocation's key type is mistyped
+    // (such a line does not parse; it still revokes the key in it).
+    let name = sshd::known_hosts_name(host.addr());
+    let blob = host.host_key().split(' ').nth(1).unwrap().to_string();
+    for revocation in [
+        format!("@revoked {name} {}", host.host_key()),
+        format!("@revoked {name} ssh-ed19995 {blob}"),
+    ] {
+        std::fs::write(&kh, format!("{}\n{revocation}\n", host.known_hosts_line())).unwrap();
+        let err = kill_qemu(&settings(&client, &kh), Route::Direct(&t), &vm)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SshError::HostKeyRevoked { .. }),
+            "{revocation}: {err}"
+        );
+        assert_eq!(err.label(), "host_key");
+    }
+
     assert!(is_live(qemu.pid), "qemu must survive every refused attempt");
     assert!(qemu.is_ours());
+
+    // Hashed entries (`ssh-keygen -H`) of the true key are trusted: the kill goes through.
+    write_known_hosts(&kh, &[&host]);
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-H")
+        .arg("-f")
+        .arg(&kh)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let hashed = std::fs::read_to_string(&kh).unwrap();
+    assert!(
+        hashed.lines().any(|l| l.starts_with("|1|"))
+            && !hashed.contains(&host.addr().ip().to_string()),
+        "{hashed}"
+    );
+    let report = kill_qemu(&settings(&client, &kh), Route::Direct(&t), &vm)
+        .await
+        .unwrap();
+    assert_killed(&report, &[qemu.pid]);
 }
 
 #[tokio::test]
