@@ -143,3 +143,115 @@ fn e2e_a_user_that_cannot_blocklist_is_not_ready_and_denies() {
     vm.write(0, 0xcd);
     assert_eq!(world.image_byte(&img, 0), 0xcd, "nothing was fenced");
 }
+
+/// The secrets the service holds — its API token, its cephx key, its SSH private key — never
+/// reach its log (at debug level, every crate), its replies, its metrics or the ledger, over
+/// a whole fence: a refused request, a VM fence, the lifecycle's kill over SSH and the
+/// lifting.
+#[test]
+fn e2e_no_secret_reaches_the_log_replies_metrics_or_the_ledger() {
+    let token = "tok-3f9a1c7e5b2d4f608192a3b4c5d6e7f8".to_string();
+    let world = World::new(Settings {
+        lifecycle_secs: 2,
+        token: Some(token.clone()),
+        log: Some("debug".into()),
+        ..Settings::default()
+    });
+    let mut secrets = vec![token.clone()];
+    let keyring = std::fs::read_to_string(world.cluster.dir.join("keyring")).unwrap();
+    let mut in_ours = false;
+    for line in keyring.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_ours = line == "[client.rbdfence]";
+        } else if in_ours && let Some(key) = line.strip_prefix("key = ") {
+            secrets.push(key.to_string());
+        }
+    }
+    assert_eq!(
+        secrets.len(),
+        2,
+        "the cephx key of client.rbdfence: {keyring}"
+    );
+    let identity = std::fs::read_to_string(world.key.identity()).unwrap();
+    secrets.extend(
+        identity
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+            .map(String::from),
+    );
+    assert!(secrets.len() > 3, "the private key's lines");
+
+    let mut seen: Vec<String> = Vec::new();
+    let img = world.image("secrets");
+    let vm = world.vm(&world.h1, &img);
+    vm.write(0, 0xab);
+    let body = serde_json::json!({"vm_uuid": vm.uuid, "failed_host": "h1",
+        "target_host": "h2", "volumes": [img]});
+    let (status, reply) = world.http_with(
+        "POST",
+        "/v1/pre-instantiate",
+        Some(&body),
+        "Authorization: Bearer wrong-token\r\n",
+    );
+    assert_eq!(status, 401, "{reply}");
+    seen.push(reply.to_string());
+    world.set(&world.h1, Link::Mgmt, false);
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(reply["decision"], "approve", "{reply:#}");
+    seen.push(reply.to_string());
+    let fence_id = reply["fence_id"].as_str().unwrap().to_string();
+    world.set(&world.h1, Link::Mgmt, true);
+    assert!(
+        vm.wait_gone(Duration::from_secs(60)),
+        "the lifecycle kills it"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.fence_record(&fence_id)["state"]["in_force"] != false {
+        assert!(Instant::now() < deadline, "the fence is lifted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for path in [
+        "/v1/fences",
+        &format!("/v1/fences/{fence_id}"),
+        "/metrics",
+        "/readyz",
+    ] {
+        seen.push(world.http("GET", path, None).1.to_string());
+    }
+    let objects = world.cli("rados", &["-p", "rbd", "-N", "rbdfence", "ls"]);
+    assert!(objects.lines().count() >= 3, "{objects}");
+    for object in objects.lines() {
+        let file = world.dir.path().join("object");
+        world.cli(
+            "rados",
+            &[
+                "-p",
+                "rbd",
+                "-N",
+                "rbdfence",
+                "get",
+                object,
+                &file.display().to_string(),
+            ],
+        );
+        seen.push(String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned());
+    }
+    let log = world.service.as_ref().unwrap().log.lock().unwrap().clone();
+    assert!(
+        log.len() > 50,
+        "a debug log was written: {} lines",
+        log.len()
+    );
+    seen.extend(log);
+    for secret in &secrets {
+        for text in &seen {
+            assert!(
+                !text.contains(secret.as_str()),
+                "a secret ({}…) leaked into: {text}",
+                &secret[..6]
+            );
+        }
+    }
+}

@@ -258,25 +258,36 @@ pub struct ServeProcess {
     pub child: std::process::Child,
     /// `http://IP:PORT`
     pub base: String,
+    /// Every line it logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl ServeProcess {
     /// Starts `rbdfence serve --config CONFIG` and waits (bounded) until it listens.
     pub fn start(config: &std::path::Path) -> ServeProcess {
+        Self::start_with_env(config, &[])
+    }
+
+    /// As [`ServeProcess::start`], with extra environment variables (e.g. `RBDFENCE_LOG`).
+    pub fn start_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> ServeProcess {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_rbdfence"))
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
+                kept.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
         });
@@ -291,6 +302,7 @@ impl ServeProcess {
         ServeProcess {
             child,
             base: format!("http://{listen}"),
+            log,
         }
     }
 

@@ -35,6 +35,10 @@ pub struct Settings {
     pub lifecycle_secs: u64,
     /// `ssh.connect_timeout_secs`.
     pub ssh_connect_secs: u64,
+    /// An API token (`api.token_file`); the world's requests then carry it.
+    pub token: Option<String>,
+    /// `RBDFENCE_LOG` for the service (its log filter).
+    pub log: Option<String>,
 }
 
 impl Default for Settings {
@@ -42,6 +46,8 @@ impl Default for Settings {
         Settings {
             lifecycle_secs: 3600,
             ssh_connect_secs: 3,
+            token: None,
+            log: None,
         }
     }
 }
@@ -119,10 +125,19 @@ impl World {
     pub fn restart_service(&mut self) {
         self.service = None;
         let (id, conf) = &self.ceph_user;
+        let token_line = match &self.settings.token {
+            Some(token) => {
+                let file = self.dir.path().join("token");
+                std::fs::write(&file, format!("{token}\n")).unwrap();
+                format!("token_file = \"{}\"", file.display())
+            }
+            None => String::new(),
+        };
         let text = format!(
             r#"
 [api]
 listen = "127.0.0.1:0"
+{token_line}
 [ceph]
 conf = "{conf}"
 id = "{id}"
@@ -178,7 +193,16 @@ ssh = "{h3_ssh}"
             h3_ssh = self.h3_sshd.addr(),
         );
         std::fs::write(&self.config, text).unwrap();
-        self.service = Some(within(&self.svc.ns, || ServeProcess::start(&self.config)));
+        let env: Vec<(&str, &str)> = self
+            .settings
+            .log
+            .as_deref()
+            .map(|l| ("RBDFENCE_LOG", l))
+            .into_iter()
+            .collect();
+        self.service = Some(within(&self.svc.ns, || {
+            ServeProcess::start_with_env(&self.config, &env)
+        }));
     }
 
     /// Creates cephx user `client.NAME` with `caps` (`mon`, `'…'`, `osd`, `'…'`), and runs the
@@ -278,8 +302,26 @@ ssh = "{h3_ssh}"
         self.http("POST", "/v1/pre-instantiate", Some(&body))
     }
 
-    /// One HTTP/1.1 request to the service, from its namespace, bounded (120 s).
+    /// One HTTP/1.1 request to the service, from its namespace, bounded (120 s), with the
+    /// world's token when it has one.
     pub fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let auth = self
+            .settings
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        self.http_with(method, path, body, &auth)
+    }
+
+    /// As [`World::http`], with `headers` (each ending in CRLF) instead of the token.
+    pub fn http_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &str,
+    ) -> (u16, Value) {
         let base = &self.service.as_ref().unwrap().base;
         let addr: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
         let mut stream = within(&self.svc.ns, || {
@@ -292,7 +334,7 @@ ssh = "{h3_ssh}"
         let body = body.map(Value::to_string).unwrap_or_default();
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
