@@ -38,3 +38,24 @@ stop_cluster() {
     STARTED_CLUSTER=""
   fi
 }
+
+# Removes what a test run that was killed left of its namespace worlds (tests/common/world.rs):
+# namespaces named rbdf<PID>x<N>-… whose test process is gone, the processes in them, and the
+# micro cluster each ran.
+cleanup_stale_worlds() {
+  local ns pid tag
+  command -v ip >/dev/null || return 0
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^rbdf[0-9]+x[0-9]+-' || true); do
+    tag=${ns%%-*}
+    pid=${tag#rbdf}
+    pid=${pid%%x*}
+    [ -d "/proc/$pid" ] && continue
+    if [ -f "/tmp/rbdfence-$tag-ceph/.ceph-micro" ]; then
+      bash "$ROOT/scripts/ceph-micro.sh" down "/tmp/rbdfence-$tag-ceph" --purge >/dev/null 2>&1 || true
+    fi
+    echo "== removing network namespace $ns left by an earlier test run (pid $pid is gone)"
+    # Only processes a test started live in its namespaces (sshd, qemu): end them by pid.
+    for p in $(ip netns pids "$ns" 2>/dev/null || true); do kill -KILL "$p" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}

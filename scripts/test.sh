@@ -11,6 +11,7 @@ cd "$ROOT"
 ensure_deps
 echo "== ABI check: vendor-headers/ and the shim against <rados/librados.h>, <rados/librados.hpp>"
 bash scripts/check-abi.sh
+cleanup_stale_worlds
 start_cluster "${RBDFENCE_TEST_IP:-127.0.0.1}"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
