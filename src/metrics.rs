@@ -97,7 +97,7 @@ struct TriggerLabels {
 }
 
 /// The `trigger` label of `rbdfence_unfences_total`.
-pub const UNFENCE_TRIGGERS: [&str; 3] = ["auto", "api", "forced"];
+pub const UNFENCE_TRIGGERS: [&str; 4] = ["auto", "api", "forced", "take-back"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {

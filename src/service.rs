@@ -121,6 +121,10 @@ const LIFECYCLE_LEASE: &str = ":lifecycle";
 pub const HOST_LEASE: Duration = Duration::from_secs(10);
 const LEASE_RENEW: Duration = Duration::from_secs(3);
 const LEASE_RETRY: Duration = Duration::from_millis(100);
+/// First wait between rounds of taking a denied fence's entries back; doubles up to
+/// [`TAKE_BACK_MAX_WAIT`].
+const TAKE_BACK_RETRY: Duration = Duration::from_secs(1);
+const TAKE_BACK_MAX_WAIT: Duration = Duration::from_secs(60);
 
 struct HostLease {
     /// Fences of this instance that use (or wait for) the lease.
@@ -371,6 +375,9 @@ impl Service {
             }
             None => self.fence_catching_panics(&req).await,
         };
+        if !record.take_back.is_empty() {
+            tokio::spawn(Arc::clone(&self).take_back(record.clone()));
+        }
         {
             let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             if map.get(&key).is_some_and(|f| f.generation == generation) {
@@ -631,6 +638,108 @@ impl Service {
             .clone()
     }
 
+    /// Takes back what denied fence `record` may have left in the osdmap: a blocklist add
+    /// whose confirmation timed out can still commit after the deny (a slow or stalled mon),
+    /// and would then cut the VM — which was not restarted elsewhere — or the whole host off
+    /// its storage with nothing resting on it. In rounds, each with this instance's exclusive
+    /// use of the host (no fence of it in flight) and the host's lease: every entry of the
+    /// deny that no fence of the host in force relies on is removed (`rm` after the `add` on
+    /// the same connection: the monitors apply them in that order), then checked absent one
+    /// round later. Bounded by the entries' expiry, when they would lapse anyway; a user that
+    /// may not remove entries ends it at once. Recorded as an unfence (`take-back`) listing
+    /// the entries removed (an `rm` of an entry that never landed succeeds too).
+    async fn take_back(self: Arc<Self>, record: FenceRecord) {
+        let host = record.failed_host.clone();
+        let fence_id = record.reply.fence_id.clone();
+        let mut pending: Vec<BlocklistEntry> = record
+            .take_back
+            .iter()
+            .filter_map(|e| e.parse().ok())
+            .collect();
+        let give_up = std::time::Instant::now() + self.engine.settings.blocklist_expire;
+        let mut wait = TAKE_BACK_RETRY;
+        let mut lifted: Vec<String> = Vec::new();
+        let mut checked = false;
+        while std::time::Instant::now() < give_up {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(TAKE_BACK_MAX_WAIT);
+            let Some(_lifting) = self.lift_lock(&host) else {
+                continue;
+            };
+            let _lease = if self.engine.ledger.shared() {
+                match self.lease(&host).await {
+                    Ok(g) => Some(g),
+                    Err(_) => continue,
+                }
+            } else {
+                None
+            };
+            let Ok(fences) = crate::fence::unfence::in_force(&self.engine.ledger, &host).await
+            else {
+                continue;
+            };
+            let relied: std::collections::BTreeSet<String> =
+                fences.iter().flat_map(FenceRecord::entries).collect();
+            let Ok(ceph) = self.link.ceph() else { continue };
+            if pending.is_empty() {
+                // The check one round later: nothing of ours came back.
+                let Ok(listed) = ceph.blocklist_ls().await else {
+                    continue;
+                };
+                pending = listed
+                    .iter()
+                    .filter(|i| lifted.contains(&i.entry) && !relied.contains(&i.entry))
+                    .filter_map(|i| i.entry.parse().ok())
+                    .collect();
+                if pending.is_empty() {
+                    checked = true;
+                    break;
+                }
+            }
+            let mut left = Vec::new();
+            for e in pending {
+                if relied.contains(&e.to_string()) {
+                    continue;
+                }
+                match ceph.blocklist_rm(e).await {
+                    Ok(()) => {
+                        if !lifted.contains(&e.to_string()) {
+                            lifted.push(e.to_string());
+                        }
+                    }
+                    Err(err) if err.errno == libc::EACCES => {
+                        tracing::error!(host = %host, fence_id = %fence_id, entry = %e, error = %err, "the Ceph user may not lift blocklist entries: a denied fence's entry is not taken back");
+                    }
+                    Err(err) => {
+                        tracing::warn!(host = %host, fence_id = %fence_id, entry = %e, error = %err, "cannot take back a denied fence's entry yet");
+                        left.push(e);
+                    }
+                }
+            }
+            pending = left;
+        }
+        if !checked {
+            tracing::error!(host = %host, fence_id = %fence_id, left = ?pending, "a denied fence's entries could not all be taken back; they lapse at their expiry");
+        }
+        if lifted.is_empty() {
+            return;
+        }
+        self.metrics.entries_lifted(&lifted);
+        self.metrics.unfenced("take-back");
+        let unfence = crate::fence::record::UnfenceRecord {
+            unfence_id: crate::fence::driver::new_fence_id().replacen("f-", "u-", 1),
+            host: host.clone(),
+            at: crate::fence::driver::now_rfc3339(),
+            trigger: "take-back".into(),
+            fences: vec![fence_id.clone()],
+            lifted: lifted.clone(),
+        };
+        if let Err(e) = self.engine.ledger.record_unfence(unfence).await {
+            tracing::error!(host = %host, fence_id = %fence_id, error = %e, "cannot record taking back a denied fence's entries");
+        }
+        tracing::info!(target: "rbdfence::audit", host = %host, fence_id = %fence_id, lifted = ?lifted, "a denied fence's entries taken back");
+    }
+
     /// Exclusive use of `host` within this instance (no fence of it runs meanwhile), or `None`
     /// when a fence of it is running.
     pub fn lift_lock(&self, host: &str) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
@@ -678,6 +787,7 @@ fn deny_record(
     let d = Decision::Deny(reason);
     FenceRecord {
         renewed: Vec::new(),
+        take_back: Vec::new(),
         request_id: req.request_id.clone(),
         vm_uuid: req.vm.to_string(),
         failed_host: req.failed_host.clone(),

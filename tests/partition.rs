@@ -460,3 +460,109 @@ fn e2e_fifty_duplicates_and_a_hundred_requests_for_a_partitioned_host() {
         );
     }
 }
+
+/// The monitors commit slowly (a busy mon: `paxos_propose_interval` 8 s, twice the blocklist
+/// bound) while the management network is down: the VM's fence is not confirmed in time, so
+/// `deny` `blocklist-failed` — and never widened to the host, whose entry the same monitors
+/// would commit late, cutting every VM of the host off its storage under a deny. What the slow
+/// monitors commit after the deny is taken back; the host's other VM writes throughout; once
+/// commits are quick again a retry is approved.
+#[test]
+fn e2e_slow_mon_commits_deny_and_leave_no_fence_behind() {
+    let world = World::new(Settings::default());
+    let img = world.image("slow-mon");
+    let other = world.image("bystander");
+    let vm = world.vm(&world.h1, &img);
+    let bystander = world.vm(&world.h1, &other);
+    vm.write(0, 0xab);
+    bystander.write(0, 0x11);
+    world.set(&world.h1, Link::Mgmt, false);
+    world.cli(
+        "ceph",
+        &[
+            "tell",
+            "mon.a",
+            "config",
+            "set",
+            "paxos_propose_interval",
+            "8",
+        ],
+    );
+    // A commit just now: the next one waits the whole interval.
+    world.cli("ceph", &["osd", "pool", "set", "rbd", "pg_num_min", "1"]);
+
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(
+        (reply["decision"].as_str(), reply["reason"].as_str()),
+        (Some("deny"), Some("blocklist-failed")),
+        "{reply:#}"
+    );
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
+    eprintln!("slow mon commits: deny blocklist-failed in {took:?}");
+    // The slow monitors commit the timed-out add a few seconds later; the host's whole-IP
+    // entry never lands.
+    let host_entry = format!("{}:0/0", world.h1.storage.unwrap());
+    let watch = Instant::now();
+    let mut landed = Vec::new();
+    while watch.elapsed() < Duration::from_secs(12) {
+        for e in world.blocklist() {
+            assert_ne!(e, host_entry, "a denied fence cut the whole host off");
+            if !landed.contains(&e) {
+                eprintln!(
+                    "after the deny, {:?}: {e} is in the osdmap",
+                    watch.elapsed()
+                );
+                landed.push(e);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    world.cli(
+        "ceph",
+        &[
+            "tell",
+            "mon.a",
+            "config",
+            "set",
+            "paxos_propose_interval",
+            "0.1",
+        ],
+    );
+    // Whatever the slow monitors committed for the denied fence is taken back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = world.blocklist();
+        if listed.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a denied fence left entries behind: {listed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "the denied fence's entries gone {:?} after the deny",
+        started.elapsed() - took
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&world, "rbdfence_unfences_total{trigger=\"take-back\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the take-back is recorded");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bystander.write(4096, 0x22);
+    assert_eq!(
+        world.image_byte(&other, 4096),
+        0x22,
+        "the host's other VM writes throughout"
+    );
+
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(reply["decision"], "approve", "{reply:#}");
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
+    assert_bounded(&world, &reply);
+}

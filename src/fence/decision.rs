@@ -102,8 +102,13 @@ pub struct BlocklistConfirmed {
 /// Why a storage fence could not be had.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlocklistFailure {
-    /// Ceph refused or did not answer, or the entries were not seen in the osdmap in time.
+    /// Ceph refused, or the entries were not seen in the osdmap in time.
     Failed(String),
+    /// The monitors did not answer an add in time: it may still commit later. The fence is
+    /// then never widened to the host (the same monitors would take the host's entry just as
+    /// late, and a late host-wide entry would cut every VM of the host off its storage under
+    /// a deny); what was sent is taken back.
+    Unanswered(String),
     /// The entries are listed, but one lapses too soon and no entry that lasts could be made
     /// (Ceph does not extend an entry that is added again).
     Expiring(String),
@@ -112,7 +117,9 @@ pub enum BlocklistFailure {
 impl fmt::Display for BlocklistFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BlocklistFailure::Failed(m) | BlocklistFailure::Expiring(m) => f.write_str(m),
+            BlocklistFailure::Failed(m)
+            | BlocklistFailure::Unanswered(m)
+            | BlocklistFailure::Expiring(m) => f.write_str(m),
         }
     }
 }
@@ -120,7 +127,9 @@ impl fmt::Display for BlocklistFailure {
 impl BlocklistFailure {
     fn deny_reason(&self) -> DenyReason {
         match self {
-            BlocklistFailure::Failed(_) => DenyReason::BlocklistFailed,
+            BlocklistFailure::Failed(_) | BlocklistFailure::Unanswered(_) => {
+                DenyReason::BlocklistFailed
+            }
             BlocklistFailure::Expiring(_) => DenyReason::BlocklistExpiring,
         }
     }
@@ -521,6 +530,20 @@ pub fn next_step(ctx: &Context<'_>, obs: &Observed) -> Step {
         };
     }
 
+    // Monitors that did not answer the VM's fence in time: no widening (see
+    // `BlocklistFailure::Unanswered`).
+    if let Some(Err(e @ BlocklistFailure::Unanswered(_))) = &obs.vm_fence {
+        return deny(
+            e.deny_reason(),
+            Scope::Vm,
+            format!(
+                "the VM's clients {} could not be fenced: the monitors did not answer in time ({e}); {}; the host is not fenced whole, since a host-wide entry the same monitors commit late would cut every VM of {host} off its storage",
+                list(&vm_entries),
+                not_gone(host, kill, &clients)
+            ),
+        );
+    }
+
     // (b) Nothing less is provably enough: fence the whole host.
     if let Some(step) = self_fence(ctx, host, &host_entries) {
         return step;
@@ -803,6 +826,12 @@ mod tests {
         ))
     }
 
+    fn unanswered() -> FenceResult {
+        Err(BlocklistFailure::Unanswered(
+            "blocklist add 127.0.0.2:0/1 failed: ETIMEDOUT".into(),
+        ))
+    }
+
     fn expiring() -> FenceResult {
         Err(BlocklistFailure::Expiring(
             "127.0.0.2:0/1 lapses in 59 s".into(),
@@ -953,6 +982,16 @@ mod tests {
                 Decision::Approve(A::SshUnreachable),
                 Scope::Host,
                 &["vm-fence", "kill", "host-fence"],
+            ),
+            (
+                "complete, vm fence unanswered, host hung: never widened",
+                vec![owner()],
+                unanswered(),
+                confirmed(),
+                K::Unreachable,
+                Decision::Deny(D::BlocklistFailed),
+                Scope::Vm,
+                &["vm-fence", "kill"],
             ),
             (
                 "complete, vm entry expiring, host hung",

@@ -519,6 +519,16 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         if let Err(e) = self.ledger.record(record.clone()).await {
             tracing::error!(fence_id = %record.reply.fence_id, error = %e, "cannot record the decision; denying");
             decision = Decision::Deny(DenyReason::LedgerFailed);
+            if !req.dry_run {
+                let mut all: Vec<String> = planned
+                    .values()
+                    .flatten()
+                    .map(ToString::to_string)
+                    .collect();
+                all.sort();
+                all.dedup();
+                record.take_back = all;
+            }
             record.reply.decision = decision.as_str().into();
             record.reply.outcome = decision.outcome().as_str().into();
             record.reply.reason = decision.reason().into();
@@ -715,7 +725,8 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let outcome = bounded(budget, deadline, fut).await;
         let Some(o) = outcome else {
             *stages.entry(Stage::Blocklist).or_default() += waited.elapsed();
-            return Err(BlocklistFailure::Failed(
+            // Its batch may still be adding: what it sent may commit later.
+            return Err(BlocklistFailure::Unanswered(
                 "the blocklist was not confirmed in the osdmap within the blocklist timeout".into(),
             ));
         };
@@ -937,8 +948,21 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             error: (!k.detail.is_empty()).then(|| k.detail.clone()),
         });
         let d = verdict.decision;
+        let take_back = if matches!(d, Decision::Deny(_)) && !req.dry_run {
+            let mut all: Vec<String> = planned
+                .values()
+                .flatten()
+                .map(ToString::to_string)
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        } else {
+            Vec::new()
+        };
         FenceRecord {
             renewed: Vec::new(),
+            take_back,
             request_id: req.request_id.clone(),
             vm_uuid: req.vm.to_string(),
             failed_host: req.failed_host.clone(),
@@ -1087,9 +1111,16 @@ async fn storage_batch<C: CephPort>(
     let failure = match result {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e),
-        Err(_) => Some(BlocklistFailure::Failed(
-            "the blocklist was not confirmed in the osdmap within the blocklist timeout".into(),
-        )),
+        Err(_) => Some(if out.add.is_zero() {
+            // Still adding: the monitors may commit what they were sent.
+            BlocklistFailure::Unanswered(
+                "the monitors did not answer the blocklist add within the blocklist timeout".into(),
+            )
+        } else {
+            BlocklistFailure::Failed(
+                "the blocklist was not confirmed in the osdmap within the blocklist timeout".into(),
+            )
+        }),
     };
     if let Some(f) = failure {
         for e in &entries {
@@ -1108,9 +1139,14 @@ async fn add_all<C: CephPort>(
     expire: Duration,
 ) -> Result<(), BlocklistFailure> {
     let adds = join_all(entries.iter().map(|e| ceph.blocklist_add(*e, expire))).await;
-    match adds.into_iter().find_map(Result::err) {
-        Some(err) => Err(BlocklistFailure::Failed(err.to_string())),
-        None => Ok(()),
+    let errors: Vec<CephError> = adds.into_iter().filter_map(Result::err).collect();
+    // An add the monitors did not answer may still commit; one they refused did not.
+    match errors.iter().find(|e| e.errno == libc::ETIMEDOUT) {
+        Some(err) => Err(BlocklistFailure::Unanswered(err.to_string())),
+        None => match errors.first() {
+            Some(err) => Err(BlocklistFailure::Failed(err.to_string())),
+            None => Ok(()),
+        },
     }
 }
 

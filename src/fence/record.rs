@@ -116,6 +116,12 @@ pub struct FenceRecord {
     /// entry; a distinct covering one that lasts is made before the old one would lapse).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub renewed: Vec<EntryExpiry>,
+    /// A deny's entries: every entry it asked the monitors for. An add whose confirmation
+    /// timed out can still commit afterwards; nothing rests on such an entry, and the VM was
+    /// not restarted elsewhere, so the service takes each back (unless a fence in force relies
+    /// on it).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub take_back: Vec<String>,
     #[serde(flatten)]
     pub reply: FenceReply,
 }
