@@ -566,3 +566,65 @@ fn e2e_slow_mon_commits_deny_and_leave_no_fence_behind() {
     assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
     assert_bounded(&world, &reply);
 }
+
+/// Threads of a process in uninterruptible sleep (state D).
+fn threads_in_d(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                        s.rsplit_once(')')
+                            .and_then(|(_, r)| r.split_whitespace().next())
+                            == Some("D")
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A qemu stuck in uninterruptible I/O (a read of a second drive on a FUSE filesystem that
+/// never answers): SIGKILL cannot end it, so the scan never calls it gone. The approval rests
+/// on the VM fence alone — its own client, never the host — and its outcome says the kill
+/// failed.
+#[test]
+fn e2e_a_qemu_stuck_in_uninterruptible_io_is_never_called_gone() {
+    let world = World::new(Settings::default());
+    let hang = common::HangFs::mount();
+    let img = world.image("d-state");
+    let drive = format!("file={},format=raw,if=none,id=stuck", hang.disk().display());
+    let vm = world.vm_with(&world.h1, &img, &["-drive".into(), drive]);
+    vm.write(0, 0xab);
+    // A read of the hanging drive; qemu never answers it.
+    let _ = vm.try_hmp("qemu-io stuck \"read 0 4k\"", Duration::from_secs(1));
+
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    eprintln!(
+        "qemu in D state: {} {} in {took:?}",
+        reply["decision"], reply["outcome"]
+    );
+    assert_eq!(reply["decision"], "approve", "{reply:#}");
+    assert_eq!(reply["reason"], "storage-fenced", "{reply:#}");
+    assert_eq!(
+        reply["outcome"], "failed",
+        "the kill failed, and the reply says so"
+    );
+    assert_eq!(reply["evidence"]["kill"]["qemu_found"], true, "{reply:#}");
+    assert_eq!(reply["evidence"]["kill"]["killed"], true, "{reply:#}");
+    assert_vm_fence_of_h1_client(&world, &reply);
+    assert_bounded(&world, &reply);
+    assert!(
+        threads_in_d(vm.pid) > 0,
+        "the qemu lives on in uninterruptible sleep after SIGKILL"
+    );
+    drop(hang);
+    assert!(
+        vm.wait_gone(Duration::from_secs(10)),
+        "once its I/O fails, the SIGKILL ends it"
+    );
+    assert_eq!(world.image_byte(&img, 0), 0xab);
+}

@@ -190,6 +190,63 @@ pub fn bind_shim() -> &'static Path {
     })
 }
 
+/// A FUSE filesystem (tests/fixtures/hangfs.c) whose one file hangs every reader, mounted on a
+/// temp dir; ended (the hung readers then fail) and unmounted when dropped.
+pub struct HangFs {
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl HangFs {
+    pub fn mount() -> HangFs {
+        static BIN: OnceLock<PathBuf> = OnceLock::new();
+        let bin = BIN.get_or_init(|| {
+            let out_dir = repo().join("target").join("test-fixtures");
+            std::fs::create_dir_all(&out_dir).unwrap();
+            let out = out_dir.join(format!("hangfs-{}", std::process::id()));
+            let status = Command::new("cc")
+                .args(["-O2", "-Wall", "-o"])
+                .arg(&out)
+                .arg(repo().join("tests/fixtures/hangfs.c"))
+                .status()
+                .unwrap_or_else(|e| panic!("cannot run cc: {e}"));
+            assert!(status.success(), "building hangfs failed");
+            out
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("rbdfence-hangfs-")
+            .tempdir()
+            .unwrap();
+        let mut child = Command::new(bin)
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "hangfs did not mount");
+        HangFs { child, dir }
+    }
+
+    /// The file that hangs its readers.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.path().join("disk")
+    }
+}
+
+impl Drop for HangFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// A real librados client (tests/fixtures/holder.py) holding an image open read-write from
 /// its own 127.x address, like a running VM.
 pub struct Holder {

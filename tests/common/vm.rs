@@ -49,6 +49,18 @@ impl Vm {
         uuid: &str,
         launch: Launch,
     ) -> Vm {
+        Self::start_with_extra(conf, image, bind, uuid, launch, &[])
+    }
+
+    /// As [`Vm::start_with`], with extra qemu arguments (e.g. a second drive).
+    pub fn start_with_extra(
+        conf: &std::path::Path,
+        image: &str,
+        bind: Option<&str>,
+        uuid: &str,
+        launch: Launch,
+        extra: &[String],
+    ) -> Vm {
         let dir = tempfile::Builder::new()
             .prefix("rbdfence-vm-")
             .tempdir()
@@ -84,6 +96,7 @@ impl Vm {
             .args(["-name", &format!("guest={}", &uuid[..8])])
             .args(&uuid_args)
             .args(["-drive", &drive])
+            .args(extra)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .args(["-daemonize", "-pidfile"])

@@ -275,6 +275,21 @@ ssh = "{h3_ssh}"
         })
     }
 
+    /// As [`World::vm`], with extra qemu arguments.
+    pub fn vm_with(&self, host: &Node, image: &str, extra: &[String]) -> Vm {
+        let uuid = new_uuid();
+        within(&host.ns, || {
+            Vm::start_with_extra(
+                &self.cluster.conf,
+                image,
+                None,
+                &uuid,
+                Launch::Libvirt,
+                extra,
+            )
+        })
+    }
+
     /// One byte of `image` at `offset`, as the cluster has it now.
     pub fn image_byte(&self, image: &str, offset: u64) -> u8 {
         within(&self.svc.ns, || {
