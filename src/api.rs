@@ -140,11 +140,17 @@ async fn auth(
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether the given token equals the configured one, in time that depends on neither where
+/// they differ nor how long either is: both are hashed (SHA-256) and the digests compared
+/// without an early exit.
+fn constant_time_eq(given: &[u8], token: &[u8]) -> bool {
+    let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+    let (a, b) = (digest(given), digest(token));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// A JSON body: content type, size, syntax and shape checked; errors name the field.
@@ -634,5 +640,47 @@ async fn readyz(State(svc): State<Arc<Service>>) -> Response {
             format!("not ready: {}\n", r.why),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_compare_is_exact_whatever_the_lengths() {
+        let token = b"s3cret-token-for-tests-0123456789";
+        assert!(constant_time_eq(token, token));
+        assert!(!constant_time_eq(b"", token));
+        assert!(
+            !constant_time_eq(&token[..token.len() - 1], token),
+            "a prefix"
+        );
+        let mut longer = token.to_vec();
+        longer.push(b'x');
+        assert!(!constant_time_eq(&longer, token), "a longer token");
+        for i in 0..token.len() {
+            let mut flipped = token.to_vec();
+            flipped[i] ^= 1;
+            assert!(!constant_time_eq(&flipped, token), "one bit at byte {i}");
+        }
+    }
+
+    #[test]
+    fn a_body_must_be_one_json_object_and_nothing_after_it() {
+        let good = br#"{"vm_uuid":"0b6e3f4e-9a51-4c55-8d3a-1f2e3d4c5b6a","failed_host":"h1","target_host":"h2","volumes":["rbd/a"]}"#;
+        assert!(decode_pre_instantiate(good).is_ok());
+        let mut spaced = good.to_vec();
+        spaced.extend_from_slice(b" \n\t");
+        assert!(decode_pre_instantiate(&spaced).is_ok(), "whitespace after");
+        for tail in [&b"x"[..], b"{}", b" {\"dry_run\":true}", b"\n]"] {
+            let mut bad = good.to_vec();
+            bad.extend_from_slice(tail);
+            let Err((code, message)) = decode_pre_instantiate(&bad) else {
+                panic!("{tail:?} after the object was accepted");
+            };
+            assert_eq!(code, "invalid_request");
+            assert!(message.contains("trailing"), "{message}");
+        }
     }
 }
