@@ -112,6 +112,8 @@ pub struct Service {
     /// lease is shared by an instance's fences of a host, so without this an unfence could
     /// lift an entry that a fence of the same host has just confirmed and is about to approve on.
     host_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Denied fences whose entries this instance is taking back now, by fence id.
+    taking_back: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The lease object of the lifecycle (`:` is in no host id, so it names no host).
@@ -234,6 +236,7 @@ impl Service {
             instance: crate::fence::driver::new_fence_id().replacen("f-", "i-", 1),
             leases: Mutex::default(),
             host_locks: Mutex::default(),
+            taking_back: Mutex::default(),
         })
     }
 
@@ -481,7 +484,11 @@ impl Service {
     ///   moment uncovered) and record them with the fence. A VM fence is widened to the host
     ///   only then, after the host stayed unreachable for half the expiry.
     pub async fn lifecycle_tick(self: &Arc<Self>) -> Result<(), LedgerError> {
-        let in_force = self.refresh_gauges().await?;
+        let (in_force, owed) = self.read_fences().await?;
+        // Denied fences whose entries no one has taken back yet (their instance ended first).
+        for r in owed {
+            tokio::spawn(Arc::clone(self).take_back(r));
+        }
         let mut by_host: HashMap<String, Vec<FenceRecord>> = HashMap::new();
         for r in in_force {
             by_host.entry(r.failed_host.clone()).or_default().push(r);
@@ -506,14 +513,33 @@ impl Service {
     /// them (`rbdfence_fences_in_force`, `_fences_unproven`, `_blocklist_entries`): true on
     /// every instance, and after a restart.
     pub async fn refresh_gauges(&self) -> Result<Vec<FenceRecord>, LedgerError> {
+        Ok(self.read_fences().await?.0)
+    }
+
+    /// One read of the ledger: the fences in force (the gauges are set from them), and the
+    /// denied fences whose entries are still owed a take-back (sent within the expiry, none
+    /// recorded as taken back).
+    async fn read_fences(&self) -> Result<(Vec<FenceRecord>, Vec<FenceRecord>), LedgerError> {
         let ledger = &self.engine.ledger;
         let unfences = ledger.unfences(None).await?;
-        let in_force: Vec<FenceRecord> = ledger
+        let oldest = time::OffsetDateTime::now_utc() - self.engine.settings.blocklist_expire;
+        let (in_force, owed): (Vec<FenceRecord>, Vec<FenceRecord>) = ledger
             .recent(usize::MAX)
             .await?
             .into_iter()
-            .filter(|r| r.state(&unfences).in_force)
-            .collect();
+            .filter(|r| {
+                r.state(&unfences).in_force
+                    || (!r.take_back.is_empty()
+                        && !unfences.iter().any(|u| {
+                            u.trigger == "take-back" && u.fences.contains(&r.reply.fence_id)
+                        })
+                        && time::OffsetDateTime::parse(
+                            &r.started_at,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .is_ok_and(|t| t > oldest))
+            })
+            .partition(|r| r.state(&unfences).in_force);
         let now = time::OffsetDateTime::now_utc();
         let first_lapse = in_force
             .iter()
@@ -548,7 +574,7 @@ impl Service {
             }
         }
         self.metrics.set_managed(entries);
-        Ok(in_force)
+        Ok((in_force, owed))
     }
 
     async fn lifecycle_host(&self, host: &Host, records: Vec<FenceRecord>) {
@@ -651,6 +677,24 @@ impl Service {
     async fn take_back(self: Arc<Self>, record: FenceRecord) {
         let host = record.failed_host.clone();
         let fence_id = record.reply.fence_id.clone();
+        struct Running<'a>(&'a Mutex<std::collections::HashSet<String>>, String);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&self.1);
+            }
+        }
+        if !self
+            .taking_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fence_id.clone())
+        {
+            return; // already under way in this instance
+        }
+        let _running = Running(&self.taking_back, fence_id.clone());
         let mut pending: Vec<BlocklistEntry> = record
             .take_back
             .iter()
@@ -660,6 +704,7 @@ impl Service {
         let mut wait = TAKE_BACK_RETRY;
         let mut lifted: Vec<String> = Vec::new();
         let mut checked = false;
+        let mut refused = false;
         while std::time::Instant::now() < give_up {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(TAKE_BACK_MAX_WAIT);
@@ -709,6 +754,7 @@ impl Service {
                     }
                     Err(err) if err.errno == libc::EACCES => {
                         tracing::error!(host = %host, fence_id = %fence_id, entry = %e, error = %err, "the Ceph user may not lift blocklist entries: a denied fence's entry is not taken back");
+                        refused = true;
                     }
                     Err(err) => {
                         tracing::warn!(host = %host, fence_id = %fence_id, entry = %e, error = %err, "cannot take back a denied fence's entry yet");
@@ -717,13 +763,19 @@ impl Service {
                 }
             }
             pending = left;
+            if refused {
+                // Asking again changes nothing; recorded as done (nothing lifted by it).
+                checked = true;
+                break;
+            }
         }
         if !checked {
             tracing::error!(host = %host, fence_id = %fence_id, left = ?pending, "a denied fence's entries could not all be taken back; they lapse at their expiry");
         }
-        if lifted.is_empty() {
+        if !checked && lifted.is_empty() {
             return;
         }
+        // Recorded also when nothing had landed: the lifecycle then knows it is done.
         self.metrics.entries_lifted(&lifted);
         self.metrics.unfenced("take-back");
         let unfence = crate::fence::record::UnfenceRecord {

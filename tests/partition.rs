@@ -628,3 +628,71 @@ fn e2e_a_qemu_stuck_in_uninterruptible_io_is_never_called_gone() {
     );
     assert_eq!(world.image_byte(&img, 0), 0xab);
 }
+
+/// As the slow-commits case, but the service is SIGKILLed right after its deny, before it
+/// takes anything back: the late add lands; the restarted service's lifecycle finds the deny
+/// owed a take-back in the ledger and takes it back.
+#[test]
+fn e2e_a_deny_left_by_a_killed_service_is_taken_back_after_its_restart() {
+    let mut world = World::new(Settings {
+        lifecycle_secs: 2,
+        ..Settings::default()
+    });
+    let img = world.image("slow-mon-restart");
+    let vm = world.vm(&world.h1, &img);
+    vm.write(0, 0xab);
+    world.set(&world.h1, Link::Mgmt, false);
+    world.cli(
+        "ceph",
+        &[
+            "tell",
+            "mon.a",
+            "config",
+            "set",
+            "paxos_propose_interval",
+            "8",
+        ],
+    );
+    world.cli("ceph", &["osd", "pool", "set", "rbd", "pg_num_min", "1"]);
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
+    assert_eq!(status, 200, "{reply:#}");
+    assert_eq!(reply["reason"], "blocklist-failed", "{reply:#}");
+    world.service = None; // SIGKILL, before its take-back's first round
+    let landed = Instant::now();
+    let entry = loop {
+        if let Some(e) = world.blocklist().into_iter().next() {
+            break e;
+        }
+        assert!(
+            landed.elapsed() < Duration::from_secs(30),
+            "the slow mon commits the timed-out add"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    eprintln!(
+        "the late add landed {:?} after the deny: {entry}",
+        landed.elapsed()
+    );
+    world.cli(
+        "ceph",
+        &[
+            "tell",
+            "mon.a",
+            "config",
+            "set",
+            "paxos_propose_interval",
+            "0.1",
+        ],
+    );
+    world.restart_service();
+    let restarted = Instant::now();
+    while !world.blocklist().is_empty() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "the restarted service takes the deny's entry back: {:?}",
+            world.blocklist()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("taken back {:?} after the restart", restarted.elapsed());
+}
