@@ -52,6 +52,93 @@ fn entries(reply: &Value) -> Vec<String> {
         .collect()
 }
 
+/// A VM of h1 that wrote 0xab at 0 (it holds its image's lock) and, when asked for, a
+/// bystander VM of the same host that wrote 0x11 at 0.
+struct OnH1 {
+    img: String,
+    vm: Vm,
+    other: String,
+    bystander: Option<Vm>,
+}
+
+fn on_h1(world: &World, prefix: &str, bystander: bool) -> OnH1 {
+    let img = world.image(prefix);
+    let vm = world.vm(&world.h1, &img);
+    vm.write(0, 0xab);
+    let other = world.image("bystander");
+    let bystander = bystander.then(|| {
+        let b = world.vm(&world.h1, &other);
+        b.write(0, 0x11);
+        b
+    });
+    OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    }
+}
+
+/// `POST /v1/pre-instantiate` for `vm` (on `img`), which must answer 200: the reply, and
+/// the time it took.
+fn request(world: &World, vm: &Vm, img: &str) -> (Value, Duration) {
+    let started = Instant::now();
+    let (status, reply) = world.pre_instantiate(&vm.uuid, &[img]);
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{reply:#}");
+    (reply, took)
+}
+
+/// The old VM tries to write 0xcd over its 0xab: it must not land.
+fn assert_old_vm_writes_nothing(world: &World, vm: &Vm, img: &str) {
+    attempt_write(vm, 0, 0xcd, Duration::from_secs(20));
+    assert_eq!(
+        world.image_byte(img, 0),
+        0xab,
+        "the old VM's write did not land"
+    );
+}
+
+/// `vm` writes 0x22 at 4096 of `img` (waiting up to 60 s for a network to come back), and it
+/// lands.
+fn assert_writes(world: &World, vm: &Vm, img: &str, what: &str) {
+    attempt_write(vm, 4096, 0x22, Duration::from_secs(60));
+    assert_eq!(world.image_byte(img, 4096), 0x22, "{what}");
+}
+
+/// Sets the mon's `paxos_propose_interval` at run time (seconds). Slowing it also makes a
+/// commit now, so that the next one waits the whole interval.
+fn propose_interval(world: &World, secs: &str) {
+    world.cli(
+        "ceph",
+        &[
+            "tell",
+            "mon.a",
+            "config",
+            "set",
+            "paxos_propose_interval",
+            secs,
+        ],
+    );
+    if secs != "0.1" {
+        world.cli("ceph", &["osd", "pool", "set", "rbd", "pg_num_min", "1"]);
+    }
+}
+
+/// Asserts the reply's decision and its outcome (approve) or reason (deny).
+fn assert_decision(reply: &Value, decision: &str, outcome_or_reason: &str) {
+    let key = if decision == "approve" {
+        "outcome"
+    } else {
+        "reason"
+    };
+    assert_eq!(
+        (reply["decision"].as_str(), reply[key].as_str()),
+        (Some(decision), Some(outcome_or_reason)),
+        "{reply:#}"
+    );
+}
+
 /// Asks `vm` to write `byte` at `offset`; waits at most `within` for qemu's answer (a write
 /// on a lost network hangs: qemu then does not answer, which is fine — what counts is what
 /// reaches the image).
@@ -89,40 +176,29 @@ fn assert_vm_fence_of_h1_client(world: &World, reply: &Value) {
 #[test]
 fn e2e_management_down_storage_up_fences_only_the_vm() {
     let world = World::new(Settings::default());
-    let img = world.image("mgmt-down");
-    let other = world.image("bystander");
-    let vm = world.vm(&world.h1, &img);
-    let bystander = world.vm(&world.h1, &other);
-    vm.write(0, 0xab);
-    bystander.write(0, 0x11);
+    let OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    } = on_h1(&world, "mgmt-down", true);
+    let bystander = bystander.unwrap();
 
     world.set(&world.h1, Link::Mgmt, false);
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["outcome"].as_str()),
-        (Some("approve"), Some("success-ssh-unreachable")),
-        "{reply:#}"
-    );
+    let (reply, took) = request(&world, &vm, &img);
+    assert_decision(&reply, "approve", "success-ssh-unreachable");
     assert_eq!(reply["evidence"]["kill"]["ssh_reachable"], false);
     assert_vm_fence_of_h1_client(&world, &reply);
     assert_bounded(&world, &reply);
     eprintln!("management down, storage up: approve in {took:?}");
 
     assert!(vm.alive(), "nobody could kill it: SSH never reached h1");
-    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
-    assert_eq!(
-        world.image_byte(&img, 0),
-        0xab,
-        "the old VM's write did not land"
-    );
-    bystander.write(4096, 0x22);
-    assert_eq!(
-        world.image_byte(&other, 4096),
-        0x22,
-        "the host's other VM keeps writing"
+    assert_old_vm_writes_nothing(&world, &vm, &img);
+    assert_writes(
+        &world,
+        &bystander,
+        &other,
+        "the host's other VM keeps writing",
     );
 }
 
@@ -132,23 +208,17 @@ fn e2e_management_down_storage_up_fences_only_the_vm() {
 #[test]
 fn e2e_storage_down_management_up_kills_the_vm() {
     let world = World::new(Settings::default());
-    let img = world.image("stor-down");
-    let other = world.image("bystander");
-    let vm = world.vm(&world.h1, &img);
-    let bystander = world.vm(&world.h1, &other);
-    vm.write(0, 0xab);
-    bystander.write(0, 0x11);
+    let OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    } = on_h1(&world, "stor-down", true);
+    let bystander = bystander.unwrap();
 
     world.set(&world.h1, Link::Storage, false);
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["outcome"].as_str()),
-        (Some("approve"), Some("success-killed")),
-        "{reply:#}"
-    );
+    let (reply, took) = request(&world, &vm, &img);
+    assert_decision(&reply, "approve", "success-killed");
     assert_eq!(reply["evidence"]["kill"]["executor"], "h3", "{reply:#}");
     assert_eq!(reply["evidence"]["kill"]["qemu_found"], true);
     assert!(vm.wait_gone(Duration::from_secs(5)), "the qemu is gone");
@@ -159,11 +229,11 @@ fn e2e_storage_down_management_up_kills_the_vm() {
     world.set(&world.h1, Link::Storage, true);
     assert_eq!(world.image_byte(&img, 0), 0xab);
     // The bystander's client survived the partition; its write lands once storage is back.
-    attempt_write(&bystander, 4096, 0x22, Duration::from_secs(60));
-    assert_eq!(
-        world.image_byte(&other, 4096),
-        0x22,
-        "the host's other VM writes again"
+    assert_writes(
+        &world,
+        &bystander,
+        &other,
+        "the host's other VM writes again",
     );
 }
 
@@ -177,24 +247,18 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
         lifecycle_secs: 2,
         ..Settings::default()
     });
-    let img = world.image("dead-host");
-    let other = world.image("bystander");
-    let vm = world.vm(&world.h1, &img);
-    let bystander = world.vm(&world.h1, &other);
-    vm.write(0, 0xab);
-    bystander.write(0, 0x11);
+    let OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    } = on_h1(&world, "dead-host", true);
+    let bystander = bystander.unwrap();
 
     world.set(&world.h1, Link::Mgmt, false);
     world.set(&world.h1, Link::Storage, false);
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["outcome"].as_str()),
-        (Some("approve"), Some("success-ssh-unreachable")),
-        "{reply:#}"
-    );
+    let (reply, took) = request(&world, &vm, &img);
+    assert_decision(&reply, "approve", "success-ssh-unreachable");
     assert_vm_fence_of_h1_client(&world, &reply);
     assert_bounded(&world, &reply);
     eprintln!("both links down: approve in {took:?}");
@@ -205,12 +269,7 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
     world.set(&world.h1, Link::Storage, true);
     world.set(&world.h1, Link::Mgmt, true);
     let healed = Instant::now();
-    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
-    assert_eq!(
-        world.image_byte(&img, 0),
-        0xab,
-        "the old VM's write did not land"
-    );
+    assert_old_vm_writes_nothing(&world, &vm, &img);
 
     // The lifecycle stops it and lifts the fence once it is proven gone.
     assert!(
@@ -218,18 +277,7 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
         "the lifecycle stopped the old VM"
     );
     let stopped = healed.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let record = world.fence_record(&fence_id);
-        if record["state"]["in_force"] == false {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fence is lifted once the VM is gone: {record:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    world.wait_lifted(&fence_id, Duration::from_secs(60));
     let fenced = entries(&reply);
     let listed = world.blocklist();
     assert!(
@@ -239,11 +287,11 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
     eprintln!("healed: old VM stopped {stopped:?} after, fence lifted");
     assert_eq!(world.image_byte(&img, 0), 0xab, "and never wrote");
 
-    attempt_write(&bystander, 4096, 0x22, Duration::from_secs(60));
-    assert_eq!(
-        world.image_byte(&other, 4096),
-        0x22,
-        "the host's other VM writes again"
+    assert_writes(
+        &world,
+        &bystander,
+        &other,
+        "the host's other VM writes again",
     );
 }
 
@@ -252,12 +300,13 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
 #[test]
 fn e2e_hung_sshd_is_no_proof_the_vm_fence_holds() {
     let world = World::new(Settings::default());
-    let img = world.image("sshd-hung");
-    let other = world.image("bystander");
-    let vm = world.vm(&world.h1, &img);
-    let bystander = world.vm(&world.h1, &other);
-    vm.write(0, 0xab);
-    bystander.write(0, 0x11);
+    let OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    } = on_h1(&world, "sshd-hung", true);
+    let bystander = bystander.unwrap();
 
     world.h1_sshd.freeze();
     let started = Instant::now();
@@ -265,21 +314,12 @@ fn e2e_hung_sshd_is_no_proof_the_vm_fence_holds() {
     let took = started.elapsed();
     world.h1_sshd.thaw();
     assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["outcome"].as_str()),
-        (Some("approve"), Some("success-ssh-unreachable")),
-        "{reply:#}"
-    );
+    assert_decision(&reply, "approve", "success-ssh-unreachable");
     assert_vm_fence_of_h1_client(&world, &reply);
     assert_bounded(&world, &reply);
     eprintln!("sshd hung: approve in {took:?}");
     assert!(vm.alive());
-    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
-    assert_eq!(
-        world.image_byte(&img, 0),
-        0xab,
-        "the old VM's write did not land"
-    );
+    assert_old_vm_writes_nothing(&world, &vm, &img);
     bystander.write(4096, 0x22);
     assert_eq!(world.image_byte(&other, 4096), 0x22);
 }
@@ -291,9 +331,7 @@ fn e2e_hung_sshd_is_no_proof_the_vm_fence_holds() {
 #[test]
 fn e2e_osd_or_mon_stopped_mid_fence_is_deny_and_a_retry_succeeds() {
     let world = World::new(Settings::default());
-    let img = world.image("cluster-faults");
-    let vm = world.vm(&world.h1, &img);
-    vm.write(0, 0xab);
+    let OnH1 { img, vm, .. } = on_h1(&world, "cluster-faults", false);
     let before = world.blocklist();
 
     let osd = world.cluster.daemon_pid("osd.0").unwrap();
@@ -323,40 +361,18 @@ fn e2e_osd_or_mon_stopped_mid_fence_is_deny_and_a_retry_succeeds() {
     let took = started.elapsed();
     common::signal(mon, libc::SIGCONT);
     assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["reason"].as_str()),
-        (Some("deny"), Some("blocklist-failed")),
-        "{reply:#}"
-    );
+    assert_decision(&reply, "deny", "blocklist-failed");
     assert!(
         took < Duration::from_millis(BLOCKLIST_TIMEOUT_MS + SSH_TIMEOUT_MS),
         "{took:?}"
     );
     eprintln!("mon stopped: deny blocklist-failed in {took:?}");
 
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
+    let (reply, took) = request(&world, &vm, &img);
     assert_eq!(reply["decision"], "approve", "{reply:#}");
     assert_bounded(&world, &reply);
     eprintln!("mon back: retry {} in {took:?}", reply["outcome"]);
-    attempt_write(&vm, 0, 0xcd, Duration::from_secs(20));
-    assert_eq!(
-        world.image_byte(&img, 0),
-        0xab,
-        "the old VM's write did not land"
-    );
-}
-
-/// A metric's value from the service's `/metrics` (0 when absent).
-fn metric(world: &World, name: &str) -> f64 {
-    let (_, text) = world.http("GET", "/metrics", None);
-    text.as_str()
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    assert_old_vm_writes_nothing(&world, &vm, &img);
 }
 
 /// ZStack's stuck case at scale: fifty VMs of a host whose management network is down, asked
@@ -372,10 +388,7 @@ fn e2e_fifty_duplicates_and_a_hundred_requests_for_a_partitioned_host() {
     for vm in &vms {
         vm.write(0, 0xab);
     }
-    let adds_before = metric(
-        &world,
-        "rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}",
-    );
+    let adds_before = world.metric("rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}");
     world.set(&world.h1, Link::Mgmt, false);
 
     let body = |i: usize, id: Option<String>| {
@@ -432,14 +445,9 @@ fn e2e_fifty_duplicates_and_a_hundred_requests_for_a_partitioned_host() {
     for (_, reply, _) in replies.iter().take(2 * VMS).step_by(2) {
         assert_bounded(&world, reply);
     }
-    let adds = metric(
-        &world,
-        "rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}",
-    ) - adds_before;
-    let peak = metric(
-        &world,
-        "rbdfence_ceph_calls_in_flight_peak{op=\"blocklist_add\"}",
-    );
+    let adds =
+        world.metric("rbdfence_ceph_calls_total{op=\"blocklist_add\",result=\"ok\"}") - adds_before;
+    let peak = world.metric("rbdfence_ceph_calls_in_flight_peak{op=\"blocklist_add\"}");
     let entries = world.blocklist();
     assert_eq!(entries.len(), VMS, "exactly the fifty clients: {entries:?}");
     eprintln!(
@@ -470,36 +478,18 @@ fn e2e_fifty_duplicates_and_a_hundred_requests_for_a_partitioned_host() {
 #[test]
 fn e2e_slow_mon_commits_deny_and_leave_no_fence_behind() {
     let world = World::new(Settings::default());
-    let img = world.image("slow-mon");
-    let other = world.image("bystander");
-    let vm = world.vm(&world.h1, &img);
-    let bystander = world.vm(&world.h1, &other);
-    vm.write(0, 0xab);
-    bystander.write(0, 0x11);
+    let OnH1 {
+        img,
+        vm,
+        other,
+        bystander,
+    } = on_h1(&world, "slow-mon", true);
+    let bystander = bystander.unwrap();
     world.set(&world.h1, Link::Mgmt, false);
-    world.cli(
-        "ceph",
-        &[
-            "tell",
-            "mon.a",
-            "config",
-            "set",
-            "paxos_propose_interval",
-            "8",
-        ],
-    );
-    // A commit just now: the next one waits the whole interval.
-    world.cli("ceph", &["osd", "pool", "set", "rbd", "pg_num_min", "1"]);
+    propose_interval(&world, "8");
 
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
-    assert_eq!(
-        (reply["decision"].as_str(), reply["reason"].as_str()),
-        (Some("deny"), Some("blocklist-failed")),
-        "{reply:#}"
-    );
+    let (reply, took) = request(&world, &vm, &img);
+    assert_decision(&reply, "deny", "blocklist-failed");
     assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
     eprintln!("slow mon commits: deny blocklist-failed in {took:?}");
     // The slow monitors commit the timed-out add a few seconds later; the host's whole-IP
@@ -520,44 +510,26 @@ fn e2e_slow_mon_commits_deny_and_leave_no_fence_behind() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    world.cli(
-        "ceph",
-        &[
-            "tell",
-            "mon.a",
-            "config",
-            "set",
-            "paxos_propose_interval",
-            "0.1",
-        ],
-    );
+    propose_interval(&world, "0.1");
     // Whatever the slow monitors committed for the denied fence is taken back.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed = world.blocklist();
-        if listed.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a denied fence left entries behind: {listed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    world.wait_blocklist_empty(
+        "a denied fence's entries are taken back",
+        Duration::from_secs(60),
+    );
     eprintln!(
         "the denied fence's entries gone {:?} after the deny",
-        started.elapsed() - took
+        watch.elapsed()
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&world, "rbdfence_unfences_total{trigger=\"take-back\"}") < 1.0 {
+    while world.metric("rbdfence_unfences_total{trigger=\"take-back\"}") < 1.0 {
         assert!(Instant::now() < deadline, "the take-back is recorded");
         std::thread::sleep(Duration::from_millis(200));
     }
-    bystander.write(4096, 0x22);
-    assert_eq!(
-        world.image_byte(&other, 4096),
-        0x22,
-        "the host's other VM writes throughout"
+    assert_writes(
+        &world,
+        &bystander,
+        &other,
+        "the host's other VM writes throughout",
     );
 
     let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
@@ -599,10 +571,7 @@ fn e2e_a_qemu_stuck_in_uninterruptible_io_is_never_called_gone() {
     // A read of the hanging drive; qemu never answers it.
     let _ = vm.try_hmp("qemu-io stuck \"read 0 4k\"", Duration::from_secs(1));
 
-    let started = Instant::now();
-    let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
-    let took = started.elapsed();
-    assert_eq!(status, 200, "{reply:#}");
+    let (reply, took) = request(&world, &vm, &img);
     eprintln!(
         "qemu in D state: {} {} in {took:?}",
         reply["decision"], reply["outcome"]
@@ -638,22 +607,9 @@ fn e2e_a_deny_left_by_a_killed_service_is_taken_back_after_its_restart() {
         lifecycle_secs: 2,
         ..Settings::default()
     });
-    let img = world.image("slow-mon-restart");
-    let vm = world.vm(&world.h1, &img);
-    vm.write(0, 0xab);
+    let OnH1 { img, vm, .. } = on_h1(&world, "slow-mon-restart", false);
     world.set(&world.h1, Link::Mgmt, false);
-    world.cli(
-        "ceph",
-        &[
-            "tell",
-            "mon.a",
-            "config",
-            "set",
-            "paxos_propose_interval",
-            "8",
-        ],
-    );
-    world.cli("ceph", &["osd", "pool", "set", "rbd", "pg_num_min", "1"]);
+    propose_interval(&world, "8");
     let (status, reply) = world.pre_instantiate(&vm.uuid, &[&img]);
     assert_eq!(status, 200, "{reply:#}");
     assert_eq!(reply["reason"], "blocklist-failed", "{reply:#}");
@@ -673,26 +629,12 @@ fn e2e_a_deny_left_by_a_killed_service_is_taken_back_after_its_restart() {
         "the late add landed {:?} after the deny: {entry}",
         landed.elapsed()
     );
-    world.cli(
-        "ceph",
-        &[
-            "tell",
-            "mon.a",
-            "config",
-            "set",
-            "paxos_propose_interval",
-            "0.1",
-        ],
-    );
+    propose_interval(&world, "0.1");
     world.restart_service();
     let restarted = Instant::now();
-    while !world.blocklist().is_empty() {
-        assert!(
-            restarted.elapsed() < Duration::from_secs(60),
-            "the restarted service takes the deny's entry back: {:?}",
-            world.blocklist()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    world.wait_blocklist_empty(
+        "the restarted service takes the deny's entry back",
+        Duration::from_secs(60),
+    );
     eprintln!("taken back {:?} after the restart", restarted.elapsed());
 }

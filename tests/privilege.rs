@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::Link;
 use common::world::{Settings, World};
@@ -97,11 +97,7 @@ fn e2e_the_readme_user_does_the_whole_job() {
         vm.wait_gone(Duration::from_secs(60)),
         "the lifecycle stops it"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while world.fence_record(&fence_id)["state"]["in_force"] != false {
-        assert!(Instant::now() < deadline, "the README user lifts the fence");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    world.wait_lifted(&fence_id, Duration::from_secs(60));
     assert!(world.blocklist().is_empty(), "{:?}", world.blocklist());
 }
 
@@ -207,11 +203,7 @@ fn e2e_no_secret_reaches_the_log_replies_metrics_or_the_ledger() {
         vm.wait_gone(Duration::from_secs(60)),
         "the lifecycle kills it"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while world.fence_record(&fence_id)["state"]["in_force"] != false {
-        assert!(Instant::now() < deadline, "the fence is lifted");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    world.wait_lifted(&fence_id, Duration::from_secs(60));
     for path in [
         "/v1/fences",
         &format!("/v1/fences/{fence_id}"),

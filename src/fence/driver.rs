@@ -520,14 +520,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             tracing::error!(fence_id = %record.reply.fence_id, error = %e, "cannot record the decision; denying");
             decision = Decision::Deny(DenyReason::LedgerFailed);
             if !req.dry_run {
-                let mut all: Vec<String> = planned
-                    .values()
-                    .flatten()
-                    .map(ToString::to_string)
-                    .collect();
-                all.sort();
-                all.dedup();
-                record.take_back = all;
+                record.take_back = every_entry(&planned);
             }
             record.reply.decision = decision.as_str().into();
             record.reply.outcome = decision.outcome().as_str().into();
@@ -949,14 +942,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         });
         let d = verdict.decision;
         let take_back = if matches!(d, Decision::Deny(_)) && !req.dry_run {
-            let mut all: Vec<String> = planned
-                .values()
-                .flatten()
-                .map(ToString::to_string)
-                .collect();
-            all.sort();
-            all.dedup();
-            all
+            every_entry(planned)
         } else {
             Vec::new()
         };
@@ -990,6 +976,18 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             },
         }
     }
+}
+
+/// Every entry a fence asked the monitors for, of every scope, once each.
+fn every_entry(planned: &BTreeMap<Scope, Vec<BlocklistEntry>>) -> Vec<String> {
+    let mut all: Vec<String> = planned
+        .values()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// The storage fence the verdict rests on (or the one that failed), for the reply: the entries

@@ -367,6 +367,48 @@ ssh = "{h3_ssh}"
         (status, value)
     }
 
+    /// A metric's value from the service's `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.http("GET", "/metrics", None);
+        text.as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded) until fence `id` is no longer in force.
+    pub fn wait_lifted(&self, id: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let record = self.fence_record(id);
+            if record["state"]["in_force"] == false {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fence {id} not lifted within {within:?}: {record:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits (bounded) until the cluster's blocklist is empty.
+    pub fn wait_blocklist_empty(&self, what: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let listed = self.blocklist();
+            if listed.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within {within:?}: {listed:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// `GET /v1/fences/ID`.
     pub fn fence_record(&self, id: &str) -> Value {
         let (status, v) = self.http("GET", &format!("/v1/fences/{id}"), None);
