@@ -700,7 +700,15 @@ impl Service {
             .iter()
             .filter_map(|e| e.parse().ok())
             .collect();
-        let give_up = std::time::Instant::now() + self.engine.settings.blocklist_expire;
+        let expire = self.engine.settings.blocklist_expire;
+        let give_up = std::time::Instant::now() + expire;
+        let Ok(started) = time::OffsetDateTime::parse(
+            &record.started_at,
+            &time::format_description::well_known::Rfc3339,
+        ) else {
+            tracing::error!(fence_id = %fence_id, started_at = %record.started_at, "a denied fence without a start time: not taking its entries back");
+            return;
+        };
         let mut wait = TAKE_BACK_RETRY;
         let mut lifted: Vec<String> = Vec::new();
         let mut checked = false;
@@ -726,14 +734,14 @@ impl Service {
             let relied: std::collections::BTreeSet<String> =
                 fences.iter().flat_map(FenceRecord::entries).collect();
             let Ok(ceph) = self.link.ceph() else { continue };
+            let Ok(listed) = ceph.blocklist_ls().await else {
+                continue;
+            };
             if pending.is_empty() {
                 // The check one round later: nothing of ours came back.
-                let Ok(listed) = ceph.blocklist_ls().await else {
-                    continue;
-                };
                 pending = listed
                     .iter()
-                    .filter(|i| lifted.contains(&i.entry) && !relied.contains(&i.entry))
+                    .filter(|i| lifted.contains(&i.entry))
                     .filter_map(|i| i.entry.parse().ok())
                     .collect();
                 if pending.is_empty() {
@@ -744,6 +752,23 @@ impl Service {
             let mut left = Vec::new();
             for e in pending {
                 if relied.contains(&e.to_string()) {
+                    continue;
+                }
+                // Listed with an expiry no add of this fence gives: it was there before the
+                // fence (Ceph does not extend an entry added again), and is not ours to lift.
+                let now = time::OffsetDateTime::now_utc();
+                let before = listed
+                    .iter()
+                    .find(|i| i.entry == e.to_string())
+                    .is_some_and(|i| {
+                        time::OffsetDateTime::parse(
+                            &i.until,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .is_ok_and(|until| !made_by_fence(until, started, now, expire))
+                    });
+                if before {
+                    tracing::info!(host = %host, fence_id = %fence_id, entry = %e, "not taking back an entry that was there before the denied fence");
                     continue;
                 }
                 match ceph.blocklist_rm(e).await {
@@ -803,6 +828,21 @@ impl Service {
     }
 }
 
+/// Whether a listed entry's expiry (`until`, the monitors' clock) is one an add sent by a
+/// fence that started at `started` (this service's clock) gives: `expire` after a moment
+/// between the fence's start and `now`, give or take a tenth of the expiry (at least a
+/// minute) for the two clocks. An entry that was there before lapses at its own time — Ceph
+/// does not extend an entry that is added again.
+fn made_by_fence(
+    until: time::OffsetDateTime,
+    started: time::OffsetDateTime,
+    now: time::OffsetDateTime,
+    expire: Duration,
+) -> bool {
+    let slack = (expire / 10).max(Duration::from_secs(60));
+    until >= started + expire - slack && until <= now + expire + slack
+}
+
 /// A deny for a fence that could not run to its decision (a bug, not a Ceph or SSH answer).
 fn internal_error(req: &FenceRequest, message: &str, since: &Since) -> FenceRecord {
     deny_record(req, DenyReason::InternalError, message, since)
@@ -857,5 +897,29 @@ fn deny_record(
             evidence: EvidenceReport::default(),
             duration_ms: since.elapsed_ms(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_the_fences_own_only_when_its_expiry_says_so() {
+        let expire = Duration::from_secs(600);
+        let t =
+            |s: i64| time::OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_800_000_000 + s);
+        let (started, now) = (t(0), t(30));
+        // Added by the fence (also committed late, also with the clocks a little apart).
+        assert!(made_by_fence(t(600), started, now, expire));
+        assert!(made_by_fence(t(612), started, now, expire));
+        assert!(made_by_fence(t(550), started, now, expire));
+        // There before: an operator's entry lapsing sooner, or one lasting far longer.
+        assert!(!made_by_fence(t(300), started, now, expire));
+        assert!(!made_by_fence(t(86_400), started, now, expire));
+        // A long expiry keeps a tenth of it as the margin.
+        let day = Duration::from_secs(86_400);
+        assert!(made_by_fence(t(86_400 - 3_000), started, now, day));
+        assert!(!made_by_fence(t(3_600), started, now, day));
     }
 }

@@ -942,7 +942,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         });
         let d = verdict.decision;
         let take_back = if matches!(d, Decision::Deny(_)) && !req.dry_run {
-            every_entry(planned)
+            failed_entries(obs, planned)
         } else {
             Vec::new()
         };
@@ -976,6 +976,30 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
             },
         }
     }
+}
+
+/// The entries of the scopes whose storage fence failed (not answered in time, refused, or
+/// not confirmed): an add of theirs may have landed, or land later. Not a scope whose entry is
+/// listed but lapses too soon: that entry was there before the fence.
+fn failed_entries(obs: &Observed, planned: &BTreeMap<Scope, Vec<BlocklistEntry>>) -> Vec<String> {
+    let failed = |scope: &Scope| {
+        let result = match scope {
+            Scope::Vm => &obs.vm_fence,
+            Scope::Host | Scope::None => &obs.host_fence,
+        };
+        matches!(
+            result,
+            Some(Err(
+                BlocklistFailure::Unanswered(_) | BlocklistFailure::Failed(_)
+            ))
+        )
+    };
+    let only_failed: BTreeMap<Scope, Vec<BlocklistEntry>> = planned
+        .iter()
+        .filter(|(scope, _)| failed(scope))
+        .map(|(scope, e)| (*scope, e.clone()))
+        .collect();
+    every_entry(&only_failed)
 }
 
 /// Every entry a fence asked the monitors for, of every scope, once each.

@@ -116,10 +116,11 @@ pub struct FenceRecord {
     /// entry; a distinct covering one that lasts is made before the old one would lapse).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub renewed: Vec<EntryExpiry>,
-    /// A deny's entries: every entry it asked the monitors for. An add whose confirmation
-    /// timed out can still commit afterwards; nothing rests on such an entry, and the VM was
-    /// not restarted elsewhere, so the service takes each back (unless a fence in force relies
-    /// on it).
+    /// A deny's entries whose storage fence failed (an approval turned deny by a ledger
+    /// failure: all its entries). An add whose confirmation timed out can still commit
+    /// afterwards; nothing rests on such an entry, and the VM was not restarted elsewhere, so
+    /// the service takes each back — unless a fence in force relies on it, or its expiry says
+    /// it was there before the fence.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub take_back: Vec<String>,
     #[serde(flatten)]
