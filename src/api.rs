@@ -589,8 +589,17 @@ async fn unfence(
         .await
         .map_err(|why| ApiError::new(StatusCode::CONFLICT, "fence_in_flight", why))?;
     let trigger = Trigger::Api { force: opts.force };
-    let record = match unfence_host(&svc.engine.ledger, &ceph, &uuid, trigger).await {
+    let quiet = svc.config.fence.lift_quiet();
+    let record = match unfence_host(&svc.engine.ledger, &ceph, &uuid, trigger, quiet).await {
         Ok(r) => r,
+        Err(e @ UnfenceError::Quiet { .. }) => {
+            return Err(ApiError {
+                status: StatusCode::CONFLICT,
+                code: "quiet_period",
+                message: e.to_string(),
+                field: Some("force".into()),
+            });
+        }
         Err(e @ UnfenceError::Unconfirmed { .. }) => {
             return Err(ApiError {
                 status: StatusCode::CONFLICT,

@@ -438,7 +438,8 @@ async fn unfence(config: PathBuf, host: String, force: bool) -> ExitCode {
             }
         }
     }
-    let result = unfence_host(&ledger, &ceph, &host, Trigger::Api { force }).await;
+    let quiet = cfg.fence.lift_quiet();
+    let result = unfence_host(&ledger, &ceph, &host, Trigger::Api { force }, quiet).await;
     let _ = ledger.release(&host, &holder).await;
     match result {
         Ok(r) => {

@@ -147,9 +147,26 @@ pub struct FenceSection {
     /// a host's fences once its VMs are proven gone.
     #[serde(default = "d30")]
     pub lifecycle_interval_secs: u64,
+    /// How long a fence stays after its VM was proven gone, before it may be lifted: a
+    /// killed qemu's last writes can still be in its host's kernel, which delivers them at
+    /// TCP's backed-off pace once a partition heals, even after the process is gone; the
+    /// OSDs must still refuse them when they arrive. Above the hosts' TCP orphan lifetime
+    /// (Linux: `tcp_orphan_retries`, minutes); at most half the expiry. 0 lifts at once.
+    /// Default: 900, or half the expiry when that is shorter.
+    pub lift_quiet_secs: Option<u64>,
     /// A local JSON-lines ledger instead of the one in RADOS (`[ledger]`): a single instance
     /// only.
     pub ledger: Option<PathBuf>,
+}
+
+impl FenceSection {
+    /// How long a fence stays after its VM was proven gone (`lift_quiet_secs`).
+    pub fn lift_quiet(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.lift_quiet_secs
+                .unwrap_or_else(|| (self.blocklist_expire_secs / 2).min(900)),
+        )
+    }
 }
 
 impl Default for FenceSection {
@@ -161,6 +178,7 @@ impl Default for FenceSection {
             blocklist_timeout_secs: 10,
             ssh_timeout_secs: 15,
             lifecycle_interval_secs: 30,
+            lift_quiet_secs: None,
             ledger: None,
         }
     }
@@ -290,6 +308,16 @@ impl Config {
                     "1-128 characters, no '/' or control characters",
                 ));
             }
+        }
+        if self
+            .fence
+            .lift_quiet_secs
+            .is_some_and(|q| q > self.fence.blocklist_expire_secs / 2)
+        {
+            return Err(bad(
+                "fence.lift_quiet_secs".into(),
+                "must be at most half of fence.blocklist_expire_secs",
+            ));
         }
         if self.fence.blocklist_expire_secs < 60 {
             return Err(bad(

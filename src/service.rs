@@ -583,7 +583,7 @@ impl Service {
         // were fenced (and a scan would kill a qemu of theirs started since, not ours to kill).
         let mut vms: Vec<VmUuid> = records
             .iter()
-            .filter(|r| r.unproven())
+            .filter(|r| r.gone_since().is_none())
             .filter_map(|r| r.vm_uuid.parse().ok())
             .collect();
         vms.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -595,6 +595,16 @@ impl Service {
                 Ok(reports) if reports.len() == vms.len() && reports.iter().all(|r| r.gone))
         };
         if proven {
+            // The proof of the VMs never seen gone is this scan's: recorded, so that the
+            // quiet period before lifting counts from it.
+            let now = crate::fence::driver::now_rfc3339();
+            for mut r in records.into_iter().filter(|r| r.gone_since().is_none()) {
+                r.gone_at = Some(now.clone());
+                if let Err(e) = ledger.rewrite(r).await {
+                    tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot record that a fenced VM is gone");
+                    return;
+                }
+            }
             let ceph = match self.link.ceph() {
                 Ok(c) => c,
                 Err(e) => {
@@ -602,10 +612,14 @@ impl Service {
                     return;
                 }
             };
-            match unfence_host(ledger, &ceph, &host.uuid, Trigger::Auto).await {
+            let quiet = self.config.fence.lift_quiet();
+            match unfence_host(ledger, &ceph, &host.uuid, Trigger::Auto, quiet).await {
                 Ok(record) => {
                     self.metrics.entries_lifted(&record.lifted);
                     self.metrics.unfenced("auto");
+                }
+                Err(e @ crate::fence::unfence::UnfenceError::Quiet { .. }) => {
+                    tracing::info!(host = %host.uuid, why = %e, "lifecycle: the host's fenced VMs are gone; lifting after the quiet period")
                 }
                 Err(e) => {
                     tracing::error!(host = %host.uuid, error = %e, "lifecycle: cannot unfence the host")
@@ -880,6 +894,7 @@ fn deny_record(
     FenceRecord {
         renewed: Vec::new(),
         take_back: Vec::new(),
+        gone_at: None,
         request_id: req.request_id.clone(),
         vm_uuid: req.vm.to_string(),
         failed_host: req.failed_host.clone(),

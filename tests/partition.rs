@@ -239,12 +239,15 @@ fn e2e_storage_down_management_up_kills_the_vm() {
 
 /// A dead host (both links down): no SSH, the VM's client is fenced from the evidence alone.
 /// Then the host comes back: the old VM's writes never land, the lifecycle finds its qemu over
-/// SSH, stops it, and lifts the fence once the VM is proven gone — and the host's other VM,
-/// never fenced, writes again.
+/// SSH, stops it, and lifts the fence only a quiet period after the VM is proven gone — a
+/// write the dead qemu left in its socket still arrives, at TCP's backed-off pace, and must
+/// meet the blocklist — and the host's other VM, never fenced, writes again.
 #[test]
 fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stopped() {
+    const QUIET: Duration = Duration::from_secs(20);
     let world = World::new(Settings {
         lifecycle_secs: 2,
+        lift_quiet_secs: QUIET.as_secs(),
         ..Settings::default()
     });
     let OnH1 {
@@ -277,7 +280,13 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
         "the lifecycle stopped the old VM"
     );
     let stopped = healed.elapsed();
+    let gone = Instant::now();
     world.wait_lifted(&fence_id, Duration::from_secs(60));
+    assert!(
+        gone.elapsed() + Duration::from_secs(1) >= QUIET,
+        "lifted {:?} after the VM was gone, before the quiet period",
+        gone.elapsed()
+    );
     let fenced = entries(&reply);
     let listed = world.blocklist();
     assert!(
@@ -285,6 +294,9 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
         "its entries are lifted: {listed:?}"
     );
     eprintln!("healed: old VM stopped {stopped:?} after, fence lifted");
+    // What the dead qemu left in its sockets is the kernel's to deliver: TCP retransmits it
+    // after the heal, at its backed-off pace, even after the process is gone. It never lands.
+    std::thread::sleep(Duration::from_secs(10));
     assert_eq!(world.image_byte(&img, 0), 0xab, "and never wrote");
 
     assert_writes(

@@ -949,6 +949,7 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         FenceRecord {
             renewed: Vec::new(),
             take_back,
+            gone_at: None,
             request_id: req.request_id.clone(),
             vm_uuid: req.vm.to_string(),
             failed_host: req.failed_host.clone(),

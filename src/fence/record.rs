@@ -123,6 +123,10 @@ pub struct FenceRecord {
     /// it was there before the fence.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub take_back: Vec<String>,
+    /// When the lifecycle proved this fence's VM gone (RFC 3339), for a fence approved
+    /// without that proof. A fence proven when it was made was proven at its end.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub gone_at: Option<String>,
     #[serde(flatten)]
     pub reply: FenceReply,
 }
@@ -172,6 +176,22 @@ fn rfc3339(s: &str) -> Option<time::OffsetDateTime> {
 
 impl FenceRecord {
     /// Whether this approval rests on the blocklist alone: its VM was never seen gone.
+    /// Since when its VM is known gone: the lifecycle's proof, or the fence's own end when
+    /// it proved it; `None` while it is not known.
+    pub fn gone_since(&self) -> Option<time::OffsetDateTime> {
+        let parse = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        };
+        if let Some(at) = &self.gone_at {
+            return parse(at);
+        }
+        if self.unproven() {
+            return None;
+        }
+        let ms = i64::try_from(self.reply.duration_ms).unwrap_or(i64::MAX);
+        parse(&self.started_at).map(|t| t + time::Duration::milliseconds(ms))
+    }
+
     pub fn unproven(&self) -> bool {
         self.reply.approved()
             && matches!(

@@ -25,6 +25,14 @@ pub enum UnfenceError {
         "fences of {host} approved on the blocklist alone for VMs {vms:?}: their qemu was never seen gone; check the host, then force"
     )]
     Unconfirmed { host: String, vms: Vec<String> },
+    #[error(
+        "the fenced VMs of {host} are gone only since {since}: what a killed qemu left in flight can still arrive until {until}; lift then, or force"
+    )]
+    Quiet {
+        host: String,
+        since: String,
+        until: String,
+    },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
     #[error(transparent)]
@@ -42,12 +50,15 @@ pub async fn in_force(ledger: &Ledger, host: &str) -> Result<Vec<FenceRecord>, L
         .collect())
 }
 
-/// Lifts `host`'s fences in force and records it.
+/// Lifts `host`'s fences in force and records it: not before every fenced VM has been known
+/// gone for `quiet` (unless forced), since a killed qemu's writes still in flight must meet
+/// the blocklist when they arrive.
 pub async fn unfence_host(
     ledger: &Ledger,
     ceph: &Ceph,
     host: &str,
     trigger: Trigger,
+    quiet: std::time::Duration,
 ) -> Result<UnfenceRecord, UnfenceError> {
     let fences = in_force(ledger, host).await?;
     let unproven: Vec<String> = fences
@@ -66,6 +77,25 @@ pub async fn unfence_host(
         Trigger::Api { force: true } if !unproven.is_empty() => "forced",
         Trigger::Api { .. } => "api",
     };
+    if label != "forced" {
+        let now = time::OffsetDateTime::now_utc();
+        let rfc = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        // Gone since the latest of them; a fence not known gone counts as gone now (the
+        // caller's proof is this moment's).
+        let since = fences.iter().map(|r| r.gone_since().unwrap_or(now)).max();
+        if let Some(since) = since
+            && now < since + quiet
+        {
+            return Err(UnfenceError::Quiet {
+                host: host.to_string(),
+                since: rfc(since),
+                until: rfc(since + quiet),
+            });
+        }
+    }
     let ours: BTreeSet<String> = fences.iter().flat_map(FenceRecord::entries).collect();
     let mut lifted = Vec::new();
     for item in ceph.blocklist_ls().await? {

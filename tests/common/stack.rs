@@ -110,6 +110,7 @@ op_timeout_secs = 5
 connect_timeout_secs = 5
 [fence]
 blocklist_expire_secs = {expire}
+lift_quiet_secs = 0
 deadline_secs = 40
 ssh_timeout_secs = 20
 {fence_extra}

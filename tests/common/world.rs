@@ -39,6 +39,8 @@ pub struct Settings {
     pub token: Option<String>,
     /// `RBDFENCE_LOG` for the service (its log filter).
     pub log: Option<String>,
+    /// `fence.lift_quiet_secs` (0 unless a test needs the quiet period).
+    pub lift_quiet_secs: u64,
 }
 
 impl Default for Settings {
@@ -48,6 +50,7 @@ impl Default for Settings {
             ssh_connect_secs: 3,
             token: None,
             log: None,
+            lift_quiet_secs: 0,
         }
     }
 }
@@ -150,6 +153,7 @@ evidence_timeout_secs = {evidence}
 blocklist_timeout_secs = {blocklist}
 ssh_timeout_secs = {ssh}
 lifecycle_interval_secs = {lifecycle}
+lift_quiet_secs = {quiet}
 [ledger]
 pool = "rbd"
 namespace = "rbdfence"
@@ -182,6 +186,7 @@ ssh = "{h3_ssh}"
             blocklist = BLOCKLIST_TIMEOUT_MS / 1000,
             ssh = SSH_TIMEOUT_MS / 1000,
             lifecycle = self.settings.lifecycle_secs,
+            quiet = self.settings.lift_quiet_secs,
             identity = self.key.identity().display(),
             known_hosts = self.known_hosts.display(),
             connect = self.settings.ssh_connect_secs,
