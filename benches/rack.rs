@@ -145,18 +145,7 @@ impl HostClient {
 
 /// The stand-in qemu, built once.
 fn standin() -> PathBuf {
-    let out = common::repo()
-        .join("target/test-fixtures")
-        .join(format!("standin-{}", std::process::id()));
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let ok = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&out)
-        .arg(common::repo().join("benches/fixtures/standin.c"))
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    out
+    common::build_c_fixture("benches/fixtures/standin.c", "standin", &[])
 }
 
 /// A host of the benchmark: its sshd, its Ceph client and its VMs' stand-ins.

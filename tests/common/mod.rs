@@ -171,22 +171,32 @@ pub fn rbd_status_watchers(image: &str) -> Vec<(String, i64, u64)> {
     w
 }
 
+/// Compiles the C fixture `source` (relative to the repo) with `cc ARGS`, into
+/// `target/test-fixtures/NAME-PID`; panics naming it if that fails.
+pub fn build_c_fixture(source: &str, name: &str, args: &[&str]) -> PathBuf {
+    let out_dir = repo().join("target").join("test-fixtures");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(format!("{name}-{}", std::process::id()));
+    let status = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&out)
+        .arg(repo().join(source))
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cc: {e}"));
+    assert!(status.success(), "building {source} failed");
+    out
+}
+
 /// The LD_PRELOAD shim that makes a client appear from its own 127.x address, built once.
 pub fn bind_shim() -> &'static Path {
     static SHIM: OnceLock<PathBuf> = OnceLock::new();
     SHIM.get_or_init(|| {
-        let out_dir = repo().join("target").join("test-fixtures");
-        std::fs::create_dir_all(&out_dir).unwrap();
-        let out = out_dir.join(format!("bindaddr-{}.so", std::process::id()));
-        let status = Command::new("cc")
-            .args(["-shared", "-fPIC", "-O2", "-o"])
-            .arg(&out)
-            .arg(repo().join("tests/fixtures/bindaddr.c"))
-            .arg("-ldl")
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run cc: {e}"));
-        assert!(status.success(), "building the bind-address shim failed");
-        out
+        build_c_fixture(
+            "tests/fixtures/bindaddr.c",
+            "bindaddr.so",
+            &["-shared", "-fPIC", "-ldl"],
+        )
     })
 }
 
@@ -200,19 +210,8 @@ pub struct HangFs {
 impl HangFs {
     pub fn mount() -> HangFs {
         static BIN: OnceLock<PathBuf> = OnceLock::new();
-        let bin = BIN.get_or_init(|| {
-            let out_dir = repo().join("target").join("test-fixtures");
-            std::fs::create_dir_all(&out_dir).unwrap();
-            let out = out_dir.join(format!("hangfs-{}", std::process::id()));
-            let status = Command::new("cc")
-                .args(["-O2", "-Wall", "-o"])
-                .arg(&out)
-                .arg(repo().join("tests/fixtures/hangfs.c"))
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run cc: {e}"));
-            assert!(status.success(), "building hangfs failed");
-            out
-        });
+        let bin =
+            BIN.get_or_init(|| build_c_fixture("tests/fixtures/hangfs.c", "hangfs", &["-Wall"]));
         let dir = tempfile::Builder::new()
             .prefix("rbdfence-hangfs-")
             .tempdir()
