@@ -730,9 +730,8 @@ impl Service {
         while std::time::Instant::now() < give_up {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(TAKE_BACK_MAX_WAIT);
-            let Some(_lifting) = self.lift_lock(&host) else {
-                continue;
-            };
+            // The lease first: waiting for another instance's must not hold this instance's
+            // fences of the host back (they wait on the host lock taken below).
             let _lease = if self.engine.ledger.shared() {
                 match self.lease(&host).await {
                     Ok(g) => Some(g),
@@ -740,6 +739,9 @@ impl Service {
                 }
             } else {
                 None
+            };
+            let Some(_lifting) = self.lift_lock(&host) else {
+                continue;
             };
             let Ok(fences) = crate::fence::unfence::in_force(&self.engine.ledger, &host).await
             else {
