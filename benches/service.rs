@@ -269,10 +269,12 @@ async fn ssh_probe(stack: &Stack, n: usize) -> f64 {
     let jump = SshTarget {
         host_uuid: "h3".into(),
         addr: stack.sibling_sshd.addr(),
+        storage: vec![],
     };
     let target = SshTarget {
         host_uuid: "h1".into(),
         addr: stack.failed_sshd.as_ref().unwrap().addr(),
+        storage: vec![],
     };
     let mut runs = Vec::new();
     for _ in 0..3 {

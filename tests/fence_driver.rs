@@ -9,7 +9,7 @@ use rbdfence::fence::decision::ExecutorRole;
 use rbdfence::fence::driver::{CephPort, Engine, FenceRequest, FenceSettings, KillPort};
 use rbdfence::fence::inventory::{Host, Inventory};
 use rbdfence::fence::ledger::Ledger;
-use rbdfence::fence::ssh::{KillReport, Peer, Route, SshError, Stage};
+use rbdfence::fence::ssh::{KillReport, Peer, Route, SocketSweep, SshError, Stage};
 use rbdfence::fence::vm::VmUuid;
 use rbdfence::rbd::{
     BlocklistEntry, BlocklistItem, CephError, ImageSpec, ImageStatus, LockMode, LockOwner, Op,
@@ -196,6 +196,10 @@ fn killed() -> Result<KillReport, SshError> {
         gone: true,
         alive: vec![],
         unknown: vec![],
+        sockets: Some(SocketSweep {
+            aborted: 0,
+            held: Some(0),
+        }),
     })
 }
 

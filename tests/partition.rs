@@ -146,6 +146,31 @@ fn attempt_write(vm: &Vm, offset: u64, byte: u8, within: Duration) {
     let _ = vm.try_write(offset, byte, within);
 }
 
+/// h1's orphaned TCP sockets (closed by their process) on its storage address that may still
+/// send data: `ss` lines, empty when there are none.
+fn closed_sockets_holding_data(world: &World) -> Vec<String> {
+    let storage = world.h1.storage.unwrap().to_string();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &world.h1.ns, "ss", "-Htne"])
+        .args([
+            "state",
+            "fin-wait-1",
+            "state",
+            "closing",
+            "state",
+            "last-ack",
+        ])
+        .args(["src", &storage])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == "ino:0"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Asserts a VM fence of exactly the VM's own client on h1's storage address.
 fn assert_vm_fence_of_h1_client(world: &World, reply: &Value) {
     assert_eq!(reply["evidence"]["blocklist"]["scope"], "vm", "{reply:#}");
@@ -234,6 +259,51 @@ fn e2e_storage_down_management_up_kills_the_vm() {
         &bystander,
         &other,
         "the host's other VM writes again",
+    );
+}
+
+/// The storage network is down, management up, and nothing names the VM's client any more: its
+/// image has no exclusive lock and the partitioned client's watch has expired. The scan decides:
+/// it kills the qemu and proves it gone, and nothing is fenced. But the write the qemu issued
+/// into the partition is still in its socket, which outlives the process: TCP retransmits it
+/// at its backed-off pace. When the storage network comes back, that write must not land on
+/// the image the new VM now owns.
+#[test]
+fn e2e_a_killed_vm_whose_client_no_evidence_names_leaves_no_write_on_the_way() {
+    let world = World::new(Settings::default());
+    let img = world.image_without_lock("unnamed");
+    let vm = world.vm(&world.h1, &img);
+    vm.write(0, 0xab);
+
+    world.set(&world.h1, Link::Storage, false);
+    // Issued into the partition: it cannot complete, and stays in the qemu's socket.
+    attempt_write(&vm, 0, 0xcd, Duration::from_secs(2));
+    world.wait_unwatched(&img, Duration::from_secs(60));
+
+    let (reply, took) = request(&world, &vm, &img);
+    assert_decision(&reply, "approve", "success-killed");
+    assert_eq!(reply["evidence"]["kill"]["qemu_found"], true, "{reply:#}");
+    assert_eq!(reply["evidence"]["blocklist"]["scope"], "none", "{reply:#}");
+    assert!(vm.wait_gone(Duration::from_secs(5)), "the qemu is gone");
+    assert_bounded(&world, &reply);
+    eprintln!("storage down, no client named: approve in {took:?}");
+
+    // Its unsent write is no longer on h1 either: no closed socket on h1's storage address
+    // still holds data.
+    assert_eq!(
+        closed_sockets_holding_data(&world),
+        Vec::<String>::new(),
+        "the killed qemu's socket, with its write, is gone from h1"
+    );
+
+    world.set(&world.h1, Link::Storage, true);
+    // TCP's retransmission backs off to seconds in a partition this long, and a closed
+    // socket goes on retransmitting up to `tcp_orphan_retries` (8 by default).
+    std::thread::sleep(Duration::from_secs(30));
+    assert_eq!(
+        world.image_byte(&img, 0),
+        0xab,
+        "the killed VM's write, left in its socket, never lands"
     );
 }
 

@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rbdfence::fence::ssh::{
-    KillReport, MAX_KILL_BATCH, Route, SshError, SshSettings, SshTarget, Stage, kill_qemu,
-    kill_qemus,
+    KillReport, MAX_KILL_BATCH, Route, SocketSweep, SshError, SshSettings, SshTarget, Stage,
+    kill_qemu, kill_qemus,
 };
 use rbdfence::fence::vm::VmUuid;
 use sshd::{ClientKey, Sshd, send_signal, write_known_hosts, write_known_hosts_with_wrong_key};
@@ -53,6 +53,7 @@ fn target(host_uuid: &str, sshd: &Sshd) -> SshTarget {
     SshTarget {
         host_uuid: host_uuid.to_owned(),
         addr: sshd.addr(),
+        storage: vec![],
     }
 }
 
@@ -364,6 +365,10 @@ async fn e2e_already_dead_reports_gone_without_killing() {
             gone: true,
             alive: vec![],
             unknown: vec![],
+            sockets: Some(SocketSweep {
+                aborted: 0,
+                held: Some(0),
+            }),
         }
     );
 
@@ -533,6 +538,7 @@ async fn e2e_nothing_listening_fails_fast_and_a_frozen_sshd_times_out() {
     let closed = SshTarget {
         host_uuid: "h56-closed".to_owned(),
         addr: SocketAddr::from((ip(56), sshd::free_port(ip(56)))),
+        storage: vec![],
     };
     let started = Instant::now();
     let err = kill_qemu(&s, Route::Direct(&closed), &vm)
@@ -613,10 +619,10 @@ fn hostile_uuids_cannot_be_constructed() {
         assert!(hostile.parse::<VmUuid>().is_err(), "accepted {hostile:?}");
     }
     let vm: VmUuid = "0B6E1F2A3C4D4E5F8A9B0C1D2E3F4A5B".parse().unwrap();
-    let cmd = rbdfence::fence::ssh::kill_command(&vm);
+    let cmd = rbdfence::fence::ssh::kill_command(&vm, &[]);
     assert!(cmd.contains("U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\"\n"));
     let other: VmUuid = "0b6e1f2a3c4d4e5f8a9b0c1d2e3f4a5c".parse().unwrap();
-    let cmd = rbdfence::fence::ssh::kill_batch_command(&[vm, other]);
+    let cmd = rbdfence::fence::ssh::kill_batch_command(&[vm, other], &[]);
     assert!(cmd.contains(
         "U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b 0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5c\"\n"
     ));
@@ -721,6 +727,10 @@ async fn e2e_batch_with_an_absent_vm_reports_it_gone_and_kills_the_others() {
             gone: true,
             alive: vec![],
             unknown: vec![],
+            sockets: Some(SocketSweep {
+                aborted: 0,
+                held: Some(0),
+            }),
         }
     );
     assert_killed(&reports[2], &[qy.pid]);

@@ -1377,6 +1377,7 @@ async fn connect_route<K: KillPort>(
     let failed_t = SshTarget {
         host_uuid: failed.uuid.clone(),
         addr: failed.ssh,
+        storage: failed.storage_addrs.clone(),
     };
     let jumps: Vec<(SshTarget, ExecutorRole)> = executors
         .iter()
@@ -1389,6 +1390,7 @@ async fn connect_route<K: KillPort>(
             let t = SshTarget {
                 host_uuid: h.uuid.clone(),
                 addr: h.ssh,
+                storage: h.storage_addrs.clone(),
             };
             (t, role)
         })
@@ -1609,6 +1611,17 @@ fn observe(
             "still alive after SIGKILL: {:?}; unreadable: {:?}",
             report.alive, report.unknown
         ));
+        match report.sockets {
+            None => detail.push(
+                "could not sweep closed sockets on its storage addresses (is `ss` installed?), so a dead qemu's unsent writes may still be on their way".into(),
+            ),
+            Some(s) if s.held != Some(0) => detail.push(format!(
+                "{} closed sockets on its storage addresses could still deliver a dead qemu's unsent writes ({} of them could not be aborted)",
+                s.aborted,
+                s.held.map_or("some".into(), |h| h.to_string())
+            )),
+            Some(_) => {}
+        }
     }
     KillObservation {
         result,

@@ -31,8 +31,10 @@
 //!   only hex digits and hyphens, joined by spaces; the script around them is a constant. A batch
 //!   holds at most [`MAX_KILL_BATCH`] uuids (about 9.5 KiB of command text).
 //! - `gone == true` in a [`KillReport`] means the remote side positively observed that no thread
-//!   of any matching process is alive (absent, or state `Z`/`X` — a zombie cannot issue I/O), and
-//!   that it could read the command line of every process it scanned. Anything short of that is
+//!   of any matching process is alive (absent, or state `Z`/`X` — a zombie cannot issue I/O),
+//!   that it could read the command line of every process it scanned, and that no closed socket
+//!   on the host's storage addresses is left that could still deliver a dead process's unsent
+//!   writes ([`SocketSweep`]: it aborts them and looks again). Anything short of that is
 //!   `gone == false` or an error; callers must not treat an error as "gone".
 //! - In a batch, each process is attributed to at most one VM. A process that cannot be
 //!   attributed to exactly one — its command line is unreadable, or it is a qemu carrying two
@@ -58,6 +60,11 @@
 //!   script uses `sh` builtins, `printf`, `sleep`, and `awk` to read the candidates' command
 //!   lines in one process (an awk that cannot split records on NUL, such as busybox's, is
 //!   detected and not used); without a usable `awk` it forks `tr` once per candidate instead.
+//! - `ss` (iproute2) can list and destroy sockets (`ss -K`: Linux 4.5 or later, built with
+//!   `CONFIG_INET_DIAG_DESTROY`, as Debian's and RHEL's kernels are). Without `ss` the sweep
+//!   cannot look and no VM is `gone`; a socket it cannot destroy is still seen, and no VM is
+//!   `gone` either. The sweep sees the login shell's network namespace: a qemu in another one
+//!   is not covered.
 //! - Jump hosts allow TCP forwarding (`AllowTcpForwarding yes`, OpenSSH's default).
 //! - PIDs are not recycled between the scan and the `kill` a few milliseconds later.
 //!
@@ -71,7 +78,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,6 +108,9 @@ const MAX_ECHO: usize = 512;
 const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
 /// Placeholder in [`KILL_SCRIPT`] for the (validated) uuids, separated by single spaces.
 const UUID_SLOT: &str = "@VM_UUIDS@";
+/// Placeholder in [`KILL_SCRIPT`] for the target's storage addresses (printed [`IpAddr`]s: hex
+/// digits, dots and colons), separated by single spaces.
+const STORAGE_SLOT: &str = "@STORAGE_ADDRS@";
 
 /// The remote kill script. POSIX sh; must contain no single quote (it is sent inside one).
 ///
@@ -145,10 +155,20 @@ const UUID_SLOT: &str = "@VM_UUIDS@";
 /// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s, for the
 /// matches of all uuids and the unknown processes together.
 ///
+/// Sweep (once for the batch, after the liveness check; skipped when `N`, the target's storage
+/// addresses, is empty): `ss` lists the orphaned TCP sockets (inode 0) from each address in
+/// `FIN-WAIT-1`, `CLOSING` or `LAST-ACK` — closed by their process with data or a FIN not yet
+/// acknowledged — and destroys each by its exact pair of addresses (`ss -K`); then it lists
+/// them again. A killed qemu's write that was issued into a partition sits in such a socket,
+/// and TCP would deliver it when the storage network answers again. Report `sockets=FOUND:LEFT`,
+/// `?` where `ss` is missing or fails.
+///
 /// Report: one line per word of `U`, in that order: its own found, killed and alive pids, the
 /// batch's unknown pids, and the alive unknown pids added to its alive list, so an unknown
-/// process that lives makes every line `gone=0`.
+/// process that lives makes every line `gone=0`; the sweep's counts, and unless it left
+/// nothing, every line is `gone=0` too.
 const KILL_SCRIPT: &str = r#"U="@VM_UUIDS@"
+N="@STORAGE_ADDRS@"
 s=$(printf "\001")
 f= r= b= me=
 [ -r /proc/1/stat ] || { echo "rbdfence-kill error=no-proc"; exit 3; }
@@ -298,6 +318,35 @@ while [ -n "$a" ] && [ "$i" -lt 40 ]; do
   i=$((i+1))
   live
 done
+sk=
+sweep() {
+  sk=0
+  for n in $N; do
+    o=$(ss -tne state fin-wait-1 state closing state last-ack src "$n" 2>/dev/null) || return 1
+    ifs=$IFS; IFS="
+"; set -f
+    for l in $o; do
+      case " $l " in *" ino:0 "*) ;; *) continue ;; esac
+      IFS=$ifs; set -- $l; IFS="
+"
+      sk=$((sk+1))
+      [ -z "$kq" ] || [ $# -lt 5 ] || ss -K -tn state fin-wait-1 state closing state last-ack src "$4" dst "$5" >/dev/null 2>&1
+    done
+    IFS=$ifs; set +f
+  done
+}
+if [ -z "$N" ]; then
+  sa=0 sk=0
+elif ! command -v ss >/dev/null 2>&1; then
+  sa=? sk=?
+else
+  kq=1
+  if sweep; then sa=$sk; else sa=? sk=?; fi
+  kq=
+  if [ "$sa" != "?" ] && [ "$sa" -gt 0 ]; then
+    sweep || sk=?
+  fi
+fi
 csv() { o=; for x in $1; do o=${o:+$o,}$x; done; }
 ra=
 for p in $a; do case " $r " in *" $p "*) ra="$ra $p" ;; esac; done
@@ -308,8 +357,8 @@ for v in $U; do
   for e in $k; do [ "${e#*:}" != "$v" ] || K="$K ${e%%:*}"; done
   for p in $a; do case " $F " in *" $p "*) A="$A $p" ;; esac; done
   csv "$F"; F=$o; csv "$K"; K=$o; csv "$A $ra"; A=$o
-  g=0; [ -n "$A" ] || g=1
-  printf "rbdfence-kill uuid=%s found=%s killed=%s alive=%s unknown=%s gone=%s\n" "$v" "$F" "$K" "$A" "$R" "$g"
+  g=0; [ -n "$A" ] || [ "$sk" != 0 ] || g=1
+  printf "rbdfence-kill uuid=%s found=%s killed=%s alive=%s unknown=%s sockets=%s:%s gone=%s\n" "$v" "$F" "$K" "$A" "$R" "$sa" "$sk" "$g"
 done
 exit 0
 "#;
@@ -340,6 +389,9 @@ pub struct SshTarget {
     pub host_uuid: String,
     /// The host's sshd address.
     pub addr: SocketAddr,
+    /// The host's storage addresses: the kill sweeps closed sockets on them that may still
+    /// carry a dead qemu's writes (see [`SocketSweep`]). Empty: no sweep.
+    pub storage: Vec<IpAddr>,
 }
 
 /// How to reach the host that runs the command.
@@ -385,6 +437,25 @@ pub struct KillReport {
     /// requested uuids (SIGKILLed too). The same for every report of one batch; while any of
     /// them is alive, no VM of the batch is `gone` (it is then in `alive` too).
     pub unknown: Vec<u32>,
+    /// The sweep of closed sockets on the target's storage addresses (see [`SocketSweep`]);
+    /// `None` when it could not look (no `ss`, or `ss` failed). The same for every report of
+    /// one batch; unless it found nothing left, no VM of the batch is `gone`.
+    pub sockets: Option<SocketSweep>,
+}
+
+/// Closed TCP sockets on the target's storage addresses that may still carry data out: a
+/// process that closed them (a killed or crashed qemu) is gone, but their unsent writes stay
+/// with the kernel, which retransmits them at TCP's backed-off pace and delivers them once the
+/// storage network answers — to an image another VM may own by then. The kill script aborts
+/// every such socket (orphaned, in `FIN-WAIT-1`, `CLOSING` or `LAST-ACK`; `ss -K`) and looks
+/// again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketSweep {
+    /// Found and aborted.
+    pub aborted: u32,
+    /// Still there when it looked again; `None` when that second look failed. A VM is `gone`
+    /// only when this is `Some(0)`.
+    pub held: Option<u32>,
 }
 
 /// A host in an error: inventory uuid and ssh address.
@@ -632,8 +703,8 @@ impl SshError {
 }
 
 /// The exact command sent to the target for `vm` alone: [`kill_batch_command`] of one uuid.
-pub fn kill_command(vm: &VmUuid) -> String {
-    kill_batch_command(std::slice::from_ref(vm))
+pub fn kill_command(vm: &VmUuid, storage: &[IpAddr]) -> String {
+    kill_batch_command(std::slice::from_ref(vm), storage)
 }
 
 /// The exact command sent to the target for `vms`: `exec /bin/sh -c '<script>'`.
@@ -641,11 +712,18 @@ pub fn kill_command(vm: &VmUuid) -> String {
 /// The script is a constant; its only variable part is the uuids, joined by single spaces, and a
 /// [`VmUuid`] can only hold hex digits and hyphens. [`kill_qemus`] passes at most
 /// [`MAX_KILL_BATCH`] distinct uuids.
-pub fn kill_batch_command(vms: &[VmUuid]) -> String {
+pub fn kill_batch_command(vms: &[VmUuid], storage: &[IpAddr]) -> String {
     let uuids = vms.iter().map(VmUuid::as_str).collect::<Vec<_>>().join(" ");
+    let addrs = storage
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
     format!(
         "exec /bin/sh -c '{}'",
-        KILL_SCRIPT.replace(UUID_SLOT, &uuids)
+        KILL_SCRIPT
+            .replace(UUID_SLOT, &uuids)
+            .replace(STORAGE_SLOT, &addrs)
     )
 }
 
@@ -1022,9 +1100,12 @@ async fn run_kill(
     let peer = Peer::from(target);
     let budget = settings.command_timeout;
     let deadline = tokio::time::Instant::now() + budget;
-    let output = timeout_at(deadline, exec(session, &peer, kill_batch_command(vms)))
-        .await
-        .map_err(|_| timeout(&peer, Stage::Command, budget))??;
+    let output = timeout_at(
+        deadline,
+        exec(session, &peer, kill_batch_command(vms, &target.storage)),
+    )
+    .await
+    .map_err(|_| timeout(&peer, Stage::Command, budget))??;
     interpret(&peer, output, vms)
 }
 
@@ -1132,7 +1213,9 @@ fn parse_error_line(stdout: &str) -> Option<&'static str> {
 }
 
 /// One report line:
-/// `rbdfence-kill uuid=U found=P,P killed=P alive=P unknown=P gone=0|1`, checked on its own.
+/// `rbdfence-kill uuid=U found=P,P killed=P alive=P unknown=P sockets=N:N gone=0|1`, checked
+/// on its own (`sockets` is `?:?` when the sweep could not look, `N:?` when its second look
+/// failed).
 #[derive(Debug)]
 struct ReportLine<'a> {
     uuid: &'a str,
@@ -1140,6 +1223,7 @@ struct ReportLine<'a> {
     killed: Vec<u32>,
     alive: Vec<u32>,
     unknown: Vec<u32>,
+    sockets: Option<SocketSweep>,
     gone: bool,
 }
 
@@ -1162,6 +1246,7 @@ fn parse_line(line: &str) -> Result<ReportLine<'_>, &'static str> {
     let killed = parse_pids(field("killed")?)?;
     let alive = parse_pids(field("alive")?)?;
     let unknown = parse_pids(field("unknown")?)?;
+    let sockets = parse_sweep(field("sockets")?)?;
     let gone = match field("gone")? {
         "1" => true,
         "0" => false,
@@ -1182,8 +1267,9 @@ fn parse_line(line: &str) -> Result<ReportLine<'_>, &'static str> {
     {
         return Err("alive pid neither found nor unknown");
     }
-    if gone != alive.is_empty() {
-        return Err("gone disagrees with the alive list");
+    let swept = sockets.is_some_and(|s| s.held == Some(0));
+    if gone != (alive.is_empty() && swept) {
+        return Err("gone disagrees with the alive list or the socket sweep");
     }
     Ok(ReportLine {
         uuid,
@@ -1191,8 +1277,37 @@ fn parse_line(line: &str) -> Result<ReportLine<'_>, &'static str> {
         killed,
         alive,
         unknown,
+        sockets,
         gone,
     })
+}
+
+/// `sockets=FOUND:HELD`: two counts, `?:?` (could not look), or `N:?` (the second look
+/// failed). Nothing found means nothing is left.
+fn parse_sweep(value: &str) -> Result<Option<SocketSweep>, &'static str> {
+    let count = |n: &str| -> Result<u32, &'static str> {
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("a socket count is not a decimal number");
+        }
+        n.parse().map_err(|_| "a socket count is out of range")
+    };
+    match value.split_once(':').ok_or("sockets without ':'")? {
+        ("?", "?") => Ok(None),
+        (found, "?") => Ok(Some(SocketSweep {
+            aborted: count(found)?,
+            held: None,
+        })),
+        (found, held) => {
+            let (aborted, held) = (count(found)?, count(held)?);
+            if aborted == 0 && held != 0 {
+                return Err("sockets held although none were found");
+            }
+            Ok(Some(SocketSweep {
+                aborted,
+                held: Some(held),
+            }))
+        }
+    }
 }
 
 /// Parse the script's output for the distinct `vms`: newline-terminated lines, exactly one per
@@ -1210,6 +1325,7 @@ pub(crate) fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillRepo
         .collect();
     let mut reports: Vec<Option<KillReport>> = vec![None; vms.len()];
     let mut batch_unknown: Option<(Vec<u32>, Vec<u32>)> = None;
+    let mut batch_sockets: Option<Option<SocketSweep>> = None;
     let mut attributed: HashSet<u32> = HashSet::new();
     for (n, text) in body.split('\n').enumerate() {
         if n >= vms.len() {
@@ -1239,6 +1355,9 @@ pub(crate) fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillRepo
                 }
             }
         }
+        if *batch_sockets.get_or_insert(line.sockets) != line.sockets {
+            return Err("lines disagree on the socket sweep");
+        }
         for &pid in &line.found {
             if !attributed.insert(pid) {
                 return Err("a pid found under two uuids");
@@ -1251,6 +1370,7 @@ pub(crate) fn parse_reports(stdout: &str, vms: &[VmUuid]) -> Result<Vec<KillRepo
             gone: line.gone,
             alive: line.alive,
             unknown: line.unknown,
+            sockets: line.sockets,
         });
     }
     reports
@@ -1574,7 +1694,7 @@ mod tests {
 
     /// The script as the target runs it for `vms`.
     fn script_for(vms: &[VmUuid]) -> String {
-        let cmd = kill_batch_command(vms);
+        let cmd = kill_batch_command(vms, &[]);
         cmd["exec /bin/sh -c '".len()..cmd.len() - 1].to_owned()
     }
 
@@ -1654,7 +1774,7 @@ mod tests {
 
     #[test]
     fn command_is_the_constant_script_around_the_uuids() {
-        let cmd = kill_command(&vm());
+        let cmd = kill_command(&vm(), &[]);
         assert!(cmd.starts_with("exec /bin/sh -c '"));
         assert!(cmd.ends_with('\''));
         let inner = &cmd["exec /bin/sh -c '".len()..cmd.len() - 1];
@@ -1664,18 +1784,33 @@ mod tests {
         );
         assert!(!KILL_SCRIPT.contains('\''));
         assert_eq!(KILL_SCRIPT.matches(UUID_SLOT).count(), 1);
-        assert_eq!(inner, KILL_SCRIPT.replace(UUID_SLOT, vm().as_str()));
-        assert!(inner.starts_with("U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\"\n"));
-        assert_eq!(cmd, kill_batch_command(&[vm()]));
+        assert_eq!(KILL_SCRIPT.matches(STORAGE_SLOT).count(), 1);
+        let script = |uuids: &str, addrs: &str| {
+            KILL_SCRIPT
+                .replace(UUID_SLOT, uuids)
+                .replace(STORAGE_SLOT, addrs)
+        };
+        assert_eq!(inner, script(vm().as_str(), ""));
+        assert!(inner.starts_with("U=\"0b6e1f2a-3c4d-4e5f-8a9b-0c1d2e3f4a5b\"\nN=\"\"\n"));
+        assert_eq!(cmd, kill_batch_command(&[vm()], &[]));
+
+        // The target's storage addresses, printed, joined by single spaces.
+        let storage: Vec<IpAddr> = vec![
+            "198.51.100.7".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ];
+        let cmd = kill_command(&vm(), &storage);
+        let inner = &cmd["exec /bin/sh -c '".len()..cmd.len() - 1];
+        assert_eq!(inner, script(vm().as_str(), "198.51.100.7 2001:db8::1"));
 
         // A full batch: the same script, the uuids joined by single spaces, a modest size.
         let batch = vms(MAX_KILL_BATCH);
-        let cmd = kill_batch_command(&batch);
+        let cmd = kill_batch_command(&batch, &[]);
         let joined = batch.iter().map(VmUuid::as_str).collect::<Vec<_>>();
         let inner = &cmd["exec /bin/sh -c '".len()..cmd.len() - 1];
-        assert_eq!(inner, KILL_SCRIPT.replace(UUID_SLOT, &joined.join(" ")));
+        assert_eq!(inner, script(&joined.join(" "), ""));
         assert!(!inner.contains('\''));
-        let variable = cmd.len() - kill_batch_command(&[]).len();
+        let variable = cmd.len() - kill_batch_command(&[], &[]).len();
         assert_eq!(variable, MAX_KILL_BATCH * 37 - 1);
         assert!(cmd.len() < 16 * 1024, "{} bytes", cmd.len());
     }
@@ -1711,7 +1846,7 @@ mod tests {
                 let stdout = String::from_utf8(out.stdout).unwrap();
                 let want: String = batch
                     .iter()
-                    .map(|vm| line(vm, "found= killed= alive= unknown= gone=1"))
+                    .map(|vm| line(vm, "found= killed= alive= unknown= sockets=0:0 gone=1"))
                     .collect();
                 assert_eq!(
                     stdout,
@@ -1721,6 +1856,119 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The script as the target runs it for `vms` with the storage addresses `storage`, under
+    /// `/bin/sh`, with `PATH` set to `path` when given.
+    fn run_swept(vms: &[VmUuid], storage: &[IpAddr], path: Option<&Path>) -> String {
+        let cmd = kill_batch_command(vms, storage);
+        let mut run = Command::new("/bin/sh");
+        run.arg0("/bin/sh")
+            .arg("-c")
+            .arg(&cmd["exec /bin/sh -c '".len()..cmd.len() - 1]);
+        if let Some(path) = path {
+            run.env("PATH", path);
+        }
+        let out = run.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// This machine's orphaned sockets from `src` (any port) that may still send data.
+    fn closed_sockets_holding_data(src: IpAddr) -> usize {
+        let out = Command::new("ss")
+            .args([
+                "-Htne",
+                "state",
+                "fin-wait-1",
+                "state",
+                "closing",
+                "state",
+                "last-ack",
+            ])
+            .arg("src")
+            .arg(src.to_string())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().any(|w| w == "ino:0"))
+            .count()
+    }
+
+    /// A closed socket on a storage address that still holds unsent data (its peer stopped
+    /// reading): the script aborts it, looks again, and reports it; its peer sees a reset.
+    /// Sockets on other addresses are not touched. Without `ss` the script cannot look, and no
+    /// VM is gone.
+    #[tokio::test]
+    async fn script_aborts_closed_sockets_that_still_hold_data() {
+        use std::io::{ErrorKind, Read, Write};
+        // An address of its own, so that no other test's socket is swept.
+        let storage: IpAddr = "127.0.0.201".parse().unwrap();
+        let server = tokio::net::TcpSocket::new_v4().unwrap();
+        server.set_recv_buffer_size(4096).unwrap();
+        server.bind((storage, 0).into()).unwrap();
+        let listener = server.listen(1).unwrap().into_std().unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_send_buffer_size(4096).unwrap();
+        client.bind((storage, 0).into()).unwrap();
+        let client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap()
+            .into_std()
+            .unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        // Fill the peer's window and the client's buffer, then close: an orphan holding data.
+        let mut client = client;
+        client.set_nonblocking(true).unwrap();
+        let chunk = [0x5a_u8; 4096];
+        loop {
+            match client.write(&chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while closed_sockets_holding_data(storage) == 0 {
+            assert!(Instant::now() < deadline, "no orphan was made");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let vm = vm();
+        // Without `ss`: it cannot look, so nothing is proven gone, and nothing is touched.
+        let dir = tool_dir(Awk::System, true).expect("sleep, tr and awk are installed");
+        assert_eq!(
+            run_swept(std::slice::from_ref(&vm), &[storage], Some(dir.path())),
+            line(&vm, "found= killed= alive= unknown= sockets=?:? gone=0")
+        );
+        assert_eq!(closed_sockets_holding_data(storage), 1);
+        // Another address: not touched.
+        let other: IpAddr = "127.0.0.202".parse().unwrap();
+        assert_eq!(
+            run_swept(std::slice::from_ref(&vm), &[other], None),
+            line(&vm, "found= killed= alive= unknown= sockets=0:0 gone=1")
+        );
+        assert_eq!(closed_sockets_holding_data(storage), 1);
+        // The storage address: aborted, and the VM is gone.
+        assert_eq!(
+            run_swept(std::slice::from_ref(&vm), &[other, storage], None),
+            line(&vm, "found= killed= alive= unknown= sockets=1:0 gone=1")
+        );
+        assert_eq!(closed_sockets_holding_data(storage), 0);
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0; 1 << 20];
+        let reset = loop {
+            match peer.read(&mut buf) {
+                Ok(0) => break false,
+                Ok(_) => {}
+                Err(e) => break e.kind() == ErrorKind::ConnectionReset,
+            }
+        };
+        assert!(reset, "the peer sees the connection reset, not its end");
     }
 
     /// `/bin/sh` under a chosen argv[0], blocked in the `read` builtin, with extra arguments.
@@ -2020,9 +2268,9 @@ mod tests {
         let a = "a-fake-lines,a-kvm,a-not-qemu,a-second-uuid,a-smbios,a-upper,a-upper-argv0";
         let b = "b-kvm-upper,b-long-flag,b-smbios-long";
         let want = format!(
-            "rbdfence-kill uuid=c found= killed= alive= unknown=conflict gone=1\n\
-             rbdfence-kill uuid=a found={a} killed={a} alive= unknown=conflict gone=1\n\
-             rbdfence-kill uuid=b found={b} killed={b} alive= unknown=conflict gone=1\n"
+            "rbdfence-kill uuid=c found= killed= alive= unknown=conflict sockets=0:0 gone=1\n\
+             rbdfence-kill uuid=a found={a} killed={a} alive= unknown=conflict sockets=0:0 gone=1\n\
+             rbdfence-kill uuid=b found={b} killed={b} alive= unknown=conflict sockets=0:0 gone=1\n"
         );
         // (what, awk, whether tr works). With a failing tr only the awk fast path can succeed;
         // the stand-ins must make the script fall back to tr.
@@ -2139,7 +2387,7 @@ mod tests {
         let v = vm();
         let one = std::slice::from_ref(&v);
         let parse = |fields: &str| parse_reports(&line(&v, fields), one).map(|mut r| r.remove(0));
-        let ok = parse("found=12,34 killed=12,34 alive= unknown= gone=1").unwrap();
+        let ok = parse("found=12,34 killed=12,34 alive= unknown= sockets=0:0 gone=1").unwrap();
         assert_eq!(
             ok,
             KillReport {
@@ -2149,13 +2397,17 @@ mod tests {
                 gone: true,
                 alive: vec![],
                 unknown: vec![],
+                sockets: Some(SocketSweep {
+                    aborted: 0,
+                    held: Some(0)
+                }),
             }
         );
-        let none = parse("found= killed= alive= unknown= gone=1").unwrap();
+        let none = parse("found= killed= alive= unknown= sockets=0:0 gone=1").unwrap();
         assert!(!none.qemu_found && !none.killed && none.gone);
-        let stuck = parse("found=7 killed=7 alive=7 unknown= gone=0").unwrap();
+        let stuck = parse("found=7 killed=7 alive=7 unknown= sockets=0:0 gone=0").unwrap();
         assert!(stuck.qemu_found && stuck.killed && !stuck.gone);
-        let unknown = parse("found= killed= alive=9 unknown=9 gone=0").unwrap();
+        let unknown = parse("found= killed= alive=9 unknown=9 sockets=0:0 gone=0").unwrap();
         assert_eq!(unknown.unknown, vec![9]);
 
         let with_uuid = |text: &str| {
@@ -2168,44 +2420,44 @@ mod tests {
         for bad in [
             "",
             "\n",
-            "rbdfence-kill found= killed= alive= unknown= gone=1",
-            "rbdfence-kill found= killed= alive= unknown= gone=1\n\n",
-            "hello\nrbdfence-kill found= killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found= killed= alive= unknown= gone=1 extra=1\n",
-            "rbdfence-kill killed= found= alive= unknown= gone=1\n",
-            "rbdfence-kill found= killed= alive= unknown= gone=2\n",
-            "rbdfence-kill found= killed= alive= unknown= gone=\n",
-            "rbdfence-kill found=1 killed=2 alive= unknown= gone=1\n",
-            "rbdfence-kill found=1 killed=1 alive=1 unknown= gone=1\n",
-            "rbdfence-kill found=1 killed=1 alive= unknown= gone=0\n",
-            "rbdfence-kill found=1 killed= alive=5 unknown= gone=0\n",
-            "rbdfence-kill found=1,1 killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found=1, killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found=+1 killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found=0 killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found=99999999999 killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found=1 killed= alive= unknown=1 gone=1\n",
-            "rbdfence-kill  found= killed= alive= unknown= gone=1\n",
-            "rbdfence-kill found= killed= alive= unknown= gone=1\r\n",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1\n\n",
+            "hello\nrbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1 extra=1\n",
+            "rbdfence-kill killed= found= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=2\n",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=\n",
+            "rbdfence-kill found=1 killed=2 alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=1 killed=1 alive=1 unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=1 killed=1 alive= unknown= sockets=0:0 gone=0\n",
+            "rbdfence-kill found=1 killed= alive=5 unknown= sockets=0:0 gone=0\n",
+            "rbdfence-kill found=1,1 killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=1, killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=+1 killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=0 killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=99999999999 killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found=1 killed= alive= unknown=1 sockets=0:0 gone=1\n",
+            "rbdfence-kill  found= killed= alive= unknown= sockets=0:0 gone=1\n",
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1\r\n",
             "rbdfence-kill error=no-proc\n",
-            "RBDFENCE-KILL found= killed= alive= unknown= gone=1\n",
+            "RBDFENCE-KILL found= killed= alive= unknown= sockets=0:0 gone=1\n",
         ] {
             let bad = with_uuid(bad);
             assert!(parse_reports(&bad, one).is_err(), "accepted {bad:?}");
         }
         // The uuid field: present, first, exactly the requested (normalised) text.
         for bad in [
-            "rbdfence-kill found= killed= alive= unknown= gone=1\n".to_owned(),
-            format!("rbdfence-kill found= uuid={v} killed= alive= unknown= gone=1\n"),
-            "rbdfence-kill uuid= found= killed= alive= unknown= gone=1\n".to_owned(),
-            format!("rbdfence-kill uuid={v}  found= killed= alive= unknown= gone=1\n"),
-            line(&v, "found= killed= alive= unknown= gone=1").to_uppercase(),
+            "rbdfence-kill found= killed= alive= unknown= sockets=0:0 gone=1\n".to_owned(),
+            format!("rbdfence-kill found= uuid={v} killed= alive= unknown= sockets=0:0 gone=1\n"),
+            "rbdfence-kill uuid= found= killed= alive= unknown= sockets=0:0 gone=1\n".to_owned(),
+            format!("rbdfence-kill uuid={v}  found= killed= alive= unknown= sockets=0:0 gone=1\n"),
+            line(&v, "found= killed= alive= unknown= sockets=0:0 gone=1").to_uppercase(),
             format!(
-                "rbdfence-kill uuid={} found= killed= alive= unknown= gone=1\n",
+                "rbdfence-kill uuid={} found= killed= alive= unknown= sockets=0:0 gone=1\n",
                 v.to_uppercase()
             ),
             format!(
-                "rbdfence-kill uuid={} found= killed= alive= unknown= gone=1\n",
+                "rbdfence-kill uuid={} found= killed= alive= unknown= sockets=0:0 gone=1\n",
                 v.to_bare()
             ),
         ] {
@@ -2217,14 +2469,17 @@ mod tests {
     fn batch_report_parsing_is_strict() {
         let batch = vms(3);
         let [a, b, c] = [&batch[0], &batch[1], &batch[2]];
-        let nothing = "found= killed= alive= unknown= gone=1";
+        let nothing = "found= killed= alive= unknown= sockets=0:0 gone=1";
 
         // Any order in, the order of `vms` out.
         let ok = format!(
             "{}{}{}",
             line(c, nothing),
-            line(a, "found=10,11 killed=10,11 alive= unknown= gone=1"),
-            line(b, "found=20 killed=20 alive=20 unknown= gone=0"),
+            line(
+                a,
+                "found=10,11 killed=10,11 alive= unknown= sockets=0:0 gone=1"
+            ),
+            line(b, "found=20 killed=20 alive=20 unknown= sockets=0:0 gone=0"),
         );
         let r = parse_reports(&ok, &batch).unwrap();
         assert_eq!(r[0].pids, vec![10, 11]);
@@ -2236,18 +2491,18 @@ mod tests {
         // An unknown pid that is alive: in every line, and every line is not gone.
         let stuck = format!(
             "{}{}{}",
-            line(a, "found=10 killed=10 alive=9 unknown=9 gone=0"),
-            line(b, "found= killed= alive=9 unknown=9 gone=0"),
-            line(c, "found= killed= alive=9 unknown=9 gone=0"),
+            line(a, "found=10 killed=10 alive=9 unknown=9 sockets=0:0 gone=0"),
+            line(b, "found= killed= alive=9 unknown=9 sockets=0:0 gone=0"),
+            line(c, "found= killed= alive=9 unknown=9 sockets=0:0 gone=0"),
         );
         let r = parse_reports(&stuck, &batch).unwrap();
         assert!(r.iter().all(|r| !r.gone && r.unknown == [9]), "{r:?}");
         // One that is gone: in every line, and gone does not depend on it.
         let dead = format!(
             "{}{}{}",
-            line(a, "found=10 killed=10 alive= unknown=9 gone=1"),
-            line(b, "found= killed= alive= unknown=9 gone=1"),
-            line(c, "found= killed= alive= unknown=9 gone=1"),
+            line(a, "found=10 killed=10 alive= unknown=9 sockets=0:0 gone=1"),
+            line(b, "found= killed= alive= unknown=9 sockets=0:0 gone=1"),
+            line(c, "found= killed= alive= unknown=9 sockets=0:0 gone=1"),
         );
         let r = parse_reports(&dead, &batch).unwrap();
         assert!(r.iter().all(|r| r.gone && r.unknown == [9]), "{r:?}");
@@ -2300,7 +2555,7 @@ mod tests {
                 "killed but not found",
                 format!(
                     "{}{}{}",
-                    line(a, "found= killed=5 alive= unknown= gone=1"),
+                    line(a, "found= killed=5 alive= unknown= sockets=0:0 gone=1"),
                     line(b, nothing),
                     line(c, nothing)
                 ),
@@ -2309,7 +2564,7 @@ mod tests {
                 "gone with a live pid",
                 format!(
                     "{}{}{}",
-                    line(a, "found=5 killed=5 alive=5 unknown= gone=1"),
+                    line(a, "found=5 killed=5 alive=5 unknown= sockets=0:0 gone=1"),
                     line(b, nothing),
                     line(c, nothing)
                 ),
@@ -2318,8 +2573,8 @@ mod tests {
                 "one pid under two uuids",
                 format!(
                     "{}{}{}",
-                    line(a, "found=5 killed=5 alive= unknown= gone=1"),
-                    line(b, "found=5 killed=5 alive= unknown= gone=1"),
+                    line(a, "found=5 killed=5 alive= unknown= sockets=0:0 gone=1"),
+                    line(b, "found=5 killed=5 alive= unknown= sockets=0:0 gone=1"),
                     line(c, nothing)
                 ),
             ),
@@ -2327,18 +2582,18 @@ mod tests {
                 "unknown pids differ between lines",
                 format!(
                     "{}{}{}",
-                    line(a, "found= killed= alive= unknown=9 gone=1"),
+                    line(a, "found= killed= alive= unknown=9 sockets=0:0 gone=1"),
                     line(b, nothing),
-                    line(c, "found= killed= alive= unknown=9 gone=1")
+                    line(c, "found= killed= alive= unknown=9 sockets=0:0 gone=1")
                 ),
             ),
             (
                 "a live unknown pid left out of one line",
                 format!(
                     "{}{}{}",
-                    line(a, "found= killed= alive=9 unknown=9 gone=0"),
-                    line(b, "found= killed= alive= unknown=9 gone=1"),
-                    line(c, "found= killed= alive=9 unknown=9 gone=0")
+                    line(a, "found= killed= alive=9 unknown=9 sockets=0:0 gone=0"),
+                    line(b, "found= killed= alive= unknown=9 sockets=0:0 gone=1"),
+                    line(c, "found= killed= alive=9 unknown=9 sockets=0:0 gone=0")
                 ),
             ),
             (
@@ -2403,7 +2658,7 @@ mod tests {
             exit_status: status,
             exit_signal: signal.map(str::to_owned),
         };
-        let report = line(&vm(), "found= killed= alive= unknown= gone=1");
+        let report = line(&vm(), "found= killed= alive= unknown= sockets=0:0 gone=1");
         let ok = interpret(&peer, out(&report, Some(0), None), &one).unwrap();
         assert!(ok.len() == 1 && ok[0].gone);
         let e = interpret(&peer, out(&report, Some(1), None), &one).unwrap_err();
@@ -2445,6 +2700,7 @@ mod tests {
         let target = SshTarget {
             host_uuid: "h1".into(),
             addr: "127.0.0.1:9".parse().unwrap(),
+            storage: vec![],
         };
         let route = Route::Direct(&target);
         assert_eq!(kill_qemus(&settings, route, &[]).await.unwrap(), vec![]);

@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -270,6 +270,44 @@ ssh = "{h3_ssh}"
         let spec = format!("rbd/{}", unique(prefix));
         self.cli("rbd", &["create", &spec, "--size", "16M"]);
         spec
+    }
+
+    /// As [`World::image`], without the exclusive-lock feature: no lock record ever names the
+    /// image's writer, so once its watch expires no evidence names it.
+    pub fn image_without_lock(&self, prefix: &str) -> String {
+        let spec = format!("rbd/{}", unique(prefix));
+        self.cli(
+            "rbd",
+            &[
+                "create",
+                &spec,
+                "--size",
+                "16M",
+                "--image-feature",
+                "layering",
+            ],
+        );
+        spec
+    }
+
+    /// Waits until no watcher and no lock owner of `image` is left (a partitioned client's watch
+    /// expires after the cluster's `osd_client_watch_timeout`).
+    pub fn wait_unwatched(&self, image: &str, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let (status, body) = self.http("GET", &format!("/v1/images/{image}"), None);
+            assert_eq!(status, 200, "{body:#}");
+            if body["watchers"].as_array().is_some_and(Vec::is_empty)
+                && body["lock_owners"].as_array().is_some_and(Vec::is_empty)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < within,
+                "{image} is still watched after {within:?}: {body:#}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// A qemu VM on `host` with `image` as its disk (opened from the host's storage address).
