@@ -351,6 +351,16 @@ fn e2e_dead_host_is_fenced_and_when_it_returns_its_vm_never_writes_and_is_stoppe
     );
     let stopped = healed.elapsed();
     let gone = Instant::now();
+    // Once the lifecycle has recorded it gone, its closed sockets are gone from h1 too: what
+    // the qemu left in them can no longer arrive.
+    while world.fence_record(&fence_id)["gone_at"].is_null() {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "gone_at is recorded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(closed_sockets_holding_data(&world), Vec::<String>::new());
     world.wait_lifted(&fence_id, Duration::from_secs(60));
     assert!(
         gone.elapsed() + Duration::from_secs(1) >= QUIET,
