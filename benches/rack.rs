@@ -260,6 +260,45 @@ fn rss(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// RSS and anonymous RSS (MiB) of the smallest librados client: a C program that connects as
+/// the service does (its conf and cephx id), opens the `rbd` pool and waits
+/// (`benches/fixtures/rados_floor.c`). What any process linking librados costs, beside the
+/// service's own figure.
+fn rados_floor() -> (f64, f64) {
+    use std::io::{BufRead, BufReader};
+    let program = common::build_c_fixture(
+        "benches/fixtures/rados_floor.c",
+        "rados_floor",
+        &["-lrados"],
+    );
+    let mut child = Command::new(&program)
+        .arg(&cluster().conf)
+        .args(["rbdfence", "rbd"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready, "ready\n", "rados_floor could not connect");
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = child.id();
+    let (rss_mib, _) = rss(pid);
+    let anon = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&program);
+    (rss_mib, anon)
+}
+
 fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -419,6 +458,7 @@ fn main() {
     // 200 images (GET /v1/images, one keep-alive connection), then 1000 connections open.
     std::thread::sleep(Duration::from_secs(1));
     let (rss_idle, _) = rss(pid);
+    let (floor_rss, floor_anon) = rados_floor();
     let images: Vec<String> = failed
         .iter()
         .flat_map(|h| {
@@ -604,6 +644,10 @@ fn main() {
             .join(" ")
     );
     println!("  SSH sessions: {sessions} for {hosts_n} hosts");
+    println!(
+        "  librados alone (benches/fixtures/rados_floor.c: connect, open the pool, wait): RSS {floor_rss:.1} MiB, of it anonymous {floor_anon:.1} MiB; the service idle {rss_idle:.1} MiB, {:.1} MiB above it",
+        rss_idle - floor_rss
+    );
     println!(
         "  service RSS: idle {rss_idle:.1} MiB; after 1000 GET /v1/images of {} images {rss_reads:.1} MiB (per GET median {:.3} ms, p99 {:.3}); {} connections open {idle_rss:.1} MiB; before the burst {rss_before:.1}, after {rss_after:.1}, peak {rss_peak:.1} MiB",
         images.len(),
