@@ -1183,6 +1183,46 @@ mod tests {
     /// always rests on (a), (b) or (c), and a host that confirmed the VM gone is never fenced
     /// whole.
     #[test]
+    fn the_kill_follows_every_vm_fence() {
+        // The driver runs the kill together with the VM fence. That changes no decision only
+        // if, whatever the VM fence's result, the decision asks for the kill next.
+        let f = Fixture::new();
+        let shapes = [
+            vec![vol(&["127.0.0.2:0/1"], &["127.0.0.2:0/1"])],
+            vec![vol(&[], &["127.0.0.2:0/1"])],
+            vec![vol(&["127.0.0.2:0/1"], &[])],
+            vec![vol(&["127.0.0.2:0/1"], &[]), vol(&[], &["127.0.0.2:0/2"])],
+        ];
+        let mut vm_fences = 0;
+        for ev in &shapes {
+            let mut obs = Observed {
+                evidence: Some(Ok(ev.clone())),
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    next_step(&f.ctx(), &obs),
+                    Step::Blocklist {
+                        scope: Scope::Vm,
+                        ..
+                    }
+                ),
+                "{ev:?}"
+            );
+            for vm in [confirmed(), failed_bl(), expiring(), unanswered()] {
+                obs.vm_fence = Some(vm.clone());
+                assert_eq!(
+                    next_step(&f.ctx(), &obs),
+                    Step::Kill,
+                    "{ev:?} after the VM fence {vm:?}"
+                );
+                vm_fences += 1;
+            }
+        }
+        assert_eq!(vm_fences, 16);
+    }
+
+    #[test]
     fn every_approval_rests_on_a_proof_and_least_collateral() {
         let f = Fixture::new();
         let shapes = [

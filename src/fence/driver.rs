@@ -7,8 +7,10 @@
 //! [`Ledger`] with its evidence; only then is the reply returned.
 //!
 //! The SSH session to the failed host is opened at the start, in parallel with the evidence
-//! and the storage fence (connecting changes nothing on the hosts); the kill command runs on
-//! it only when the decision asks for the kill step, which is after the storage fence step.
+//! (connecting changes nothing on the hosts). The kill command runs when the decision asks for
+//! the kill step. When the evidence names every client, the decision asks for the VM fence and,
+//! whatever its result, for the kill next: both then run at once, which changes no decision,
+//! only the time (the fence no longer waits for a mon commit before the kill starts).
 //! Requests for VMs of one failed host share the storage fence, the session and one kill
 //! command. A dry run opens no session.
 //!
@@ -445,8 +447,8 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let own_addrs = self.ceph.own_addrs();
         let target_known =
             self.inventory.get(&req.target_host).is_some() && req.target_host != req.failed_host;
-        // Open the SSH session while evidence and the storage fence run: connecting changes
-        // nothing on the hosts, and the kill command still runs only after the storage step.
+        // Open the SSH session while the evidence is gathered: connecting changes nothing on
+        // the hosts; the kill command runs only when the decision asks for it.
         let prepared = match failed {
             Some(host) if !req.dry_run && target_known => {
                 Some(self.connection(host, &req.target_host))
@@ -482,12 +484,32 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                 Step::Blocklist { scope, entries } => {
                     planned.insert(scope, entries.clone());
                     let host = req.failed_host.clone();
-                    let result = self
-                        .blocklist(host, scope, entries, deadline, &mut stages)
-                        .await;
-                    match scope {
-                        Scope::Vm => obs.vm_fence = Some(result),
-                        Scope::Host | Scope::None => obs.host_fence = Some(result),
+                    let fence = self.blocklist(host, scope, entries, deadline, &mut stages);
+                    match (scope, failed) {
+                        // Whatever the VM fence's result, the kill is the next step
+                        // (`decision::tests::the_kill_follows_every_vm_fence`): run both at
+                        // once. No decision changes, only the time.
+                        (Scope::Vm, Some(host)) if obs.kill.is_none() => {
+                            let t = Instant::now();
+                            let kill = async {
+                                let kill = self
+                                    .kill(
+                                        host,
+                                        &req.target_host,
+                                        &req.vm,
+                                        deadline,
+                                        prepared.clone(),
+                                    )
+                                    .await;
+                                (kill, t.elapsed())
+                            };
+                            let (result, (kill, took)) = tokio::join!(fence, kill);
+                            obs.vm_fence = Some(result);
+                            obs.kill = Some(kill);
+                            *stages.entry(Stage::Ssh).or_default() += took;
+                        }
+                        (Scope::Vm, _) => obs.vm_fence = Some(fence.await),
+                        (Scope::Host | Scope::None, _) => obs.host_fence = Some(fence.await),
                     }
                 }
                 Step::Kill => {
