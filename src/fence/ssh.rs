@@ -10,9 +10,11 @@
 //!    22) and authenticates with the identity (publickey only).
 //! 3. Run one command on the target (see [`kill_batch_command`]), for every VM of the batch at
 //!    once: it scans `/proc` once for qemu processes whose argv carries `-uuid <uuid>` for one of
-//!    the requested uuids, SIGKILLs all of them, polls (every 50 ms, for up to 2 s, one window for
-//!    the whole batch) until every thread of each is gone or a zombie, and prints one report line
-//!    per requested uuid, which are parsed strictly into one [`KillReport`] per VM.
+//!    the requested uuids, SIGKILLs all of them, polls (every 10 ms, then every 50 ms, for up to
+//!    2 s, one window for the whole batch) until every thread of each is gone or a zombie,
+//!    destroys the closed sockets on the host's storage addresses that still hold data, and
+//!    prints one report line per requested uuid, which are parsed strictly into one
+//!    [`KillReport`] per VM.
 //!
 //! [`kill_qemus`] takes up to [`MAX_KILL_BATCH`] VMs (one connection per hop, one `exec`);
 //! [`kill_qemu`] is the same call for a single VM.
@@ -152,8 +154,9 @@ const STORAGE_SLOT: &str = "@STORAGE_ADDRS@";
 /// reported as `unknown` and kept in the liveness check.
 ///
 /// Liveness looks at every thread in `/proc/PID/task`: a killed thread group can have a zombie
-/// leader while other threads are still exiting. It is polled every 50 ms for up to 2 s, for the
-/// matches of all uuids and the unknown processes together.
+/// leader while other threads are still exiting. It is polled every 10 ms for the first 50 ms
+/// (one qemu is usually gone by then), then every 50 ms, for up to 2 s in all, for the matches
+/// of all uuids and the unknown processes together.
 ///
 /// Sweep (once for the batch, after the liveness check; skipped when `N`, the target's storage
 /// addresses, is empty): `ss` lists the orphaned TCP sockets (inode 0) from each address in
@@ -312,10 +315,16 @@ live() {
   done
 }
 live
-i=0
+i=0 j=0
 while [ -n "$a" ] && [ "$i" -lt 40 ]; do
-  sleep 0.05 2>/dev/null || { sleep 1; i=$((i+19)); }
-  i=$((i+1))
+  if [ "$j" -lt 5 ]; then
+    j=$((j+1))
+    sleep 0.01 2>/dev/null || { sleep 1; i=$((i+20)); }
+    [ "$j" -lt 5 ] || i=$((i+1))
+  else
+    sleep 0.05 2>/dev/null || { sleep 1; i=$((i+19)); }
+    i=$((i+1))
+  fi
   live
 done
 sk=
