@@ -1635,7 +1635,7 @@ fn observe(
         ));
         match report.sockets {
             None => detail.push(
-                "could not sweep closed sockets on its storage addresses (is `ss` installed?), so a dead qemu's unsent writes may still be on their way".into(),
+                "could not sweep closed sockets on its storage addresses (is `ss` installed, and does qemu run in the login shell's network namespace?), so a dead qemu's unsent writes may still be on their way".into(),
             ),
             Some(s) if s.held != Some(0) => detail.push(format!(
                 "{} closed sockets on its storage addresses could still deliver a dead qemu's unsent writes ({} of them could not be aborted)",

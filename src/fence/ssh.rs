@@ -65,8 +65,9 @@
 //! - `ss` (iproute2) can list and destroy sockets (`ss -K`: Linux 4.5 or later, built with
 //!   `CONFIG_INET_DIAG_DESTROY`, as Debian's and RHEL's kernels are). Without `ss` the sweep
 //!   cannot look and no VM is `gone`; a socket it cannot destroy is still seen, and no VM is
-//!   `gone` either. The sweep sees the login shell's network namespace: a qemu in another one
-//!   is not covered.
+//!   `gone` either. The sweep sees the login shell's network namespace only: a matched qemu in
+//!   another one makes the sweep `?` (no VM `gone`); the shell's `test` must know `-ef` (dash,
+//!   bash and busybox do).
 //! - Jump hosts allow TCP forwarding (`AllowTcpForwarding yes`, OpenSSH's default).
 //! - PIDs are not recycled between the scan and the `kill` a few milliseconds later.
 //!
@@ -164,7 +165,9 @@ const STORAGE_SLOT: &str = "@STORAGE_ADDRS@";
 /// acknowledged — and destroys each by its exact pair of addresses (`ss -K`); then it lists
 /// them again. A killed qemu's write that was issued into a partition sits in such a socket,
 /// and TCP would deliver it when the storage network answers again. Report `sockets=FOUND:LEFT`,
-/// `?` where `ss` is missing or fails.
+/// `?` where `ss` is missing or fails, or where a matched qemu ran in another network
+/// namespace than the script's (checked before the kill, with `-ef` on `/proc/PID/ns/net`):
+/// its sockets are out of the sweep's sight.
 ///
 /// Report: one line per word of `U`, in that order: its own found, killed and alive pids, the
 /// batch's unknown pids, and the alive unknown pids added to its alive list, so an unknown
@@ -293,6 +296,12 @@ for p in $C; do
   esac
 done
 [ -n "$me" ] || { echo "rbdfence-kill error=self-check"; exit 3; }
+nx=
+for e in $f; do
+  p=${e%%:*}
+  [ -d "/proc/$p" ] || continue
+  [ "/proc/$p/ns/net" -ef "/proc/$$/ns/net" ] || nx=1
+done
 k=
 for e in $f; do kill -s KILL "${e%%:*}" 2>/dev/null && k="$k $e"; done
 for p in $b; do kill -s KILL "$p" 2>/dev/null; done
@@ -346,7 +355,7 @@ sweep() {
 }
 if [ -z "$N" ]; then
   sa=0 sk=0
-elif ! command -v ss >/dev/null 2>&1; then
+elif [ -n "$nx" ] || ! command -v ss >/dev/null 2>&1; then
   sa=? sk=?
 else
   kq=1
@@ -1978,6 +1987,46 @@ mod tests {
             }
         };
         assert!(reset, "the peer sees the connection reset, not its end");
+    }
+
+    /// A qemu in another network namespace than the script's: its closed sockets would be out
+    /// of the sweep's sight, so the sweep says it cannot look and the VM is not gone, though
+    /// killed. The same qemu in the script's namespace is gone.
+    #[test]
+    fn a_qemu_in_another_network_namespace_is_never_called_gone() {
+        let storage: IpAddr = "127.0.0.203".parse().unwrap();
+        let vm = vm();
+        for other_netns in [true, false] {
+            let mut cmd = if other_netns {
+                let mut c = Command::new("unshare");
+                c.args(["--net", "--", "/bin/sh"]);
+                c
+            } else {
+                Command::new("/bin/sh")
+            };
+            let mut child = cmd
+                .args(["-c", "read x", "look-alike", "-uuid", vm.as_str()])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .starts_with(b"/bin/sh")
+            {
+                assert!(Instant::now() < deadline, "the look-alike never exec'd");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let out = run_swept(std::slice::from_ref(&vm), &[storage], None);
+            let _ = child.wait();
+            let want = if other_netns {
+                format!("found={pid} killed={pid} alive= unknown= sockets=?:? gone=0")
+            } else {
+                format!("found={pid} killed={pid} alive= unknown= sockets=0:0 gone=1")
+            };
+            assert_eq!(out, line(&vm, &want), "in another netns: {other_netns}");
+        }
     }
 
     /// `/bin/sh` under a chosen argv[0], blocked in the `read` builtin, with extra arguments.
