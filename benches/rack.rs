@@ -249,15 +249,20 @@ ssh = "{sib_ssh}"
 
 /// VmRSS and VmHWM of a process, in MiB.
 fn rss(pid: u32) -> (f64, f64) {
+    let [rss, hwm] = status_mib(pid, ["VmRSS:", "VmHWM:"]);
+    (rss, hwm)
+}
+
+/// Fields of `/proc/PID/status` given in kB, in MiB (0 when absent).
+fn status_mib<const N: usize>(pid: u32, names: [&str; N]) -> [f64; N] {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
+    names.map(|name| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
             .map_or(0.0, |kib| kib / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    })
 }
 
 /// RSS and anonymous RSS (MiB) of the smallest librados client: a C program that connects as
@@ -284,15 +289,7 @@ fn rados_floor() -> (f64, f64) {
         .unwrap();
     assert_eq!(ready, "ready\n", "rados_floor could not connect");
     std::thread::sleep(Duration::from_secs(1));
-    let pid = child.id();
-    let (rss_mib, _) = rss(pid);
-    let anon = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0);
+    let [rss_mib, anon] = status_mib(child.id(), ["VmRSS:", "RssAnon:"]);
     drop(child.stdin.take());
     child.wait().unwrap();
     let _ = std::fs::remove_file(&program);
