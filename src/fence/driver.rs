@@ -465,6 +465,19 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
         let mut obs = Observed::default();
         let mut stages: BTreeMap<Stage, Duration> = BTreeMap::new();
         let mut planned: BTreeMap<Scope, Vec<BlocklistEntry>> = BTreeMap::new();
+        // The kill step, and how long it took. `Kill` is only asked for once the failed host is
+        // known.
+        let kill_step = || async {
+            let t = Instant::now();
+            let kill = match failed {
+                Some(host) => {
+                    self.kill(host, &req.target_host, &req.vm, deadline, prepared.clone())
+                        .await
+                }
+                None => unreachable_kill("failed host unknown"),
+            };
+            (kill, t.elapsed())
+        };
         // Each step fills one `None` field of `obs`, and `next_step` only asks for a step whose
         // field is `None`, so the loop ends after at most four steps.
         let verdict = loop {
@@ -489,21 +502,8 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                         // Whatever the VM fence's result, the kill is the next step
                         // (`decision::tests::the_kill_follows_every_vm_fence`): run both at
                         // once. No decision changes, only the time.
-                        (Scope::Vm, Some(host)) if obs.kill.is_none() => {
-                            let t = Instant::now();
-                            let kill = async {
-                                let kill = self
-                                    .kill(
-                                        host,
-                                        &req.target_host,
-                                        &req.vm,
-                                        deadline,
-                                        prepared.clone(),
-                                    )
-                                    .await;
-                                (kill, t.elapsed())
-                            };
-                            let (result, (kill, took)) = tokio::join!(fence, kill);
+                        (Scope::Vm, Some(_)) if obs.kill.is_none() => {
+                            let (result, (kill, took)) = tokio::join!(fence, kill_step());
                             obs.vm_fence = Some(result);
                             obs.kill = Some(kill);
                             *stages.entry(Stage::Ssh).or_default() += took;
@@ -513,17 +513,9 @@ impl<C: CephPort, K: KillPort> Engine<C, K> {
                     }
                 }
                 Step::Kill => {
-                    let t = Instant::now();
-                    // `Kill` is only asked for once the failed host is known.
-                    let kill = match failed {
-                        Some(host) => {
-                            self.kill(host, &req.target_host, &req.vm, deadline, prepared.clone())
-                                .await
-                        }
-                        None => unreachable_kill("failed host unknown"),
-                    };
+                    let (kill, took) = kill_step().await;
                     obs.kill = Some(kill);
-                    *stages.entry(Stage::Ssh).or_default() += t.elapsed();
+                    *stages.entry(Stage::Ssh).or_default() += took;
                 }
                 Step::Decide(v) => break v,
             }
