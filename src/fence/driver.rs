@@ -1621,10 +1621,12 @@ fn observe(
     };
     let mut detail = notes;
     if !report.gone {
-        detail.push(format!(
-            "still alive after SIGKILL: {:?}; unreadable: {:?}",
-            report.alive, report.unknown
-        ));
+        if !report.alive.is_empty() || !report.unknown.is_empty() {
+            detail.push(format!(
+                "still alive after SIGKILL: {:?}; unreadable: {:?}",
+                report.alive, report.unknown
+            ));
+        }
         match report.sockets {
             None => detail.push(
                 "could not sweep closed sockets on its storage addresses (is `ss` installed, and does qemu run in the login shell's network namespace?), so a dead qemu's unsent writes may still be on their way".into(),
