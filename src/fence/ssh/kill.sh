@@ -135,13 +135,17 @@ live() {
   for e in $f $r; do
     p=${e%%:*}
     [ -d "/proc/$p" ] || continue
+    if read -r l 2>/dev/null <"/proc/$p/stat"; then
+      l=${l##*") "}
+      case ${l%% *} in Z|X) ;; *) a="$a $p"; continue ;; esac
+    fi
     z=1 n=0
     for t in /proc/$p/task/*; do
       if read -r l 2>/dev/null <"$t/stat"; then
         n=$((n+1)); l=${l##*") "}
-        case ${l%% *} in Z|X) ;; *) z=0 ;; esac
+        case ${l%% *} in Z|X) ;; *) z=0; break ;; esac
       elif [ -e "$t" ]; then
-        z=0
+        z=0; break
       fi
     done
     [ "$n" -gt 0 ] || { [ -d "/proc/$p" ] && z=0; }
@@ -191,15 +195,36 @@ else
   fi
 fi
 csv() { o=; for x in $1; do o=${o:+$o,}$x; done; }
+ifs=$IFS
+key() {
+  IFS=-; set -f; set -- $1; IFS=$ifs; set +f
+  q=$1$2$3$4$5
+  case $q in ""|*[!0-9a-f]*) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
+}
+for v in $U; do key "$v"; eval "_f$q= _k$q= _a$q="; done
+for e in $f; do
+  p=${e%%:*}; key "${e#*:}"
+  eval "_f$q=\${_f$q:+\$_f$q,}\$p; _p$p=\$q"
+done
+for e in $k; do
+  p=${e%%:*}; key "${e#*:}"
+  eval "_k$q=\${_k$q:+\$_k$q,}\$p"
+done
 ra=
-for p in $a; do case " $r " in *" $p "*) ra="$ra $p" ;; esac; done
+for p in $a; do
+  eval "q=\${_p$p-}"
+  if [ -n "$q" ]; then
+    eval "_a$q=\${_a$q:+\$_a$q,}\$p"
+  else
+    case " $r " in *" $p "*) ra="$ra $p" ;; esac
+  fi
+done
 csv "$r"; R=$o
+csv "$ra"; ra=$o
 for v in $U; do
-  F= K= A=
-  for e in $f; do [ "${e#*:}" != "$v" ] || F="$F ${e%%:*}"; done
-  for e in $k; do [ "${e#*:}" != "$v" ] || K="$K ${e%%:*}"; done
-  for p in $a; do case " $F " in *" $p "*) A="$A $p" ;; esac; done
-  csv "$F"; F=$o; csv "$K"; K=$o; csv "$A $ra"; A=$o
+  key "$v"
+  eval "F=\$_f$q K=\$_k$q A=\$_a$q"
+  A=$A${A:+${ra:+,}}$ra
   g=0; [ -n "$A" ] || [ "$sk" != 0 ] || g=1
   printf "rbdfence-kill uuid=%s found=%s killed=%s alive=%s unknown=%s sockets=%s:%s gone=%s\n" "$v" "$F" "$K" "$A" "$R" "$sa" "$sk" "$g"
 done

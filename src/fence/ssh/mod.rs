@@ -160,8 +160,9 @@ const STORAGE_SLOT: &str = "@STORAGE_ADDRS@";
 /// read as "no qemu". A process whose command line cannot be opened while it still exists is
 /// reported as `unknown` and kept in the liveness check.
 ///
-/// Liveness looks at every thread in `/proc/PID/task`: a killed thread group can have a zombie
-/// leader while other threads are still exiting. It is polled every 10 ms for the first 50 ms
+/// Liveness: a process whose leader is not a zombie is alive (one read of `/proc/PID/stat`);
+/// only then does it look at every thread in `/proc/PID/task`, up to the first live one: a
+/// killed thread group can have a zombie leader while other threads are still exiting. It is polled every 10 ms for the first 50 ms
 /// (one qemu is usually gone by then), then every 50 ms, for up to 2 s in all, for the matches
 /// of all uuids and the unknown processes together.
 ///
