@@ -2,7 +2,7 @@
 //! decoy processes that must survive. Every test uses its own loopback address, temp dirs and
 //! uuids, and ends every process it starts (guards' `Drop`), even when it fails.
 //!
-//! Loopback addresses used: 127.0.0.51 – 127.0.0.60.
+//! Loopback addresses used: 127.0.0.45 – 127.0.0.46 and 127.0.0.51 – 127.0.0.60.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/sshd.rs"]
@@ -760,4 +760,30 @@ async fn e2e_batch_with_an_absent_vm_reports_it_gone_and_kills_the_others() {
         );
     }
     assert_eq!(accepted_sessions(&host), sessions, "{}", host.log());
+}
+
+#[tokio::test]
+async fn e2e_a_jump_host_that_refuses_to_forward_is_the_error_not_the_target() {
+    let client = ClientKey::generate();
+    let jump = Sshd::start_configured(ip(45), &client, "AllowTcpForwarding no\n");
+    let host = Sshd::start(ip(46), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&jump, &host]);
+    let (jump_t, host_t) = (target("j45", &jump), target("h46", &host));
+    let err = kill_qemu(
+        &settings(&client, &kh),
+        Route::Via {
+            jump: &jump_t,
+            target: &host_t,
+        },
+        &random_uuid(),
+    )
+    .await
+    .unwrap_err();
+    // The route walk passes over a sibling whose errors name it; an error naming the failed
+    // host would end the walk with "unreachable" although another sibling may reach it.
+    assert_eq!(err.stage(), Some(Stage::Tunnel), "{err}");
+    assert_eq!(err.peer().unwrap().host_uuid, "j45", "{err}");
+    assert_eq!(accepted_sessions(&host), 0, "{}", host.log());
 }

@@ -104,7 +104,14 @@ impl Sshd {
     /// Starts sshd on `ip` (a free port), authorising `client`. Panics if it does not listen in
     /// time.
     pub fn start(ip: Ipv4Addr, client: &ClientKey) -> Sshd {
-        Self::start_wrapped(ip, client, &[])
+        Self::start_wrapped(ip, client, &[], "")
+    }
+
+    /// As [`Sshd::start`], with `config` (whole `sshd_config` lines) ahead of the usual
+    /// configuration: sshd takes the first value it reads for a keyword, so these win.
+    #[allow(dead_code)]
+    pub fn start_configured(ip: Ipv4Addr, client: &ClientKey, config: &str) -> Sshd {
+        Self::start_wrapped(ip, client, &[], config)
     }
 
     /// As [`Sshd::start`], but sshd runs in a PID namespace of its own with its own `/proc`
@@ -114,10 +121,11 @@ impl Sshd {
             ip,
             client,
             &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+            "",
         )
     }
 
-    fn start_wrapped(ip: Ipv4Addr, client: &ClientKey, wrapper: &[&str]) -> Sshd {
+    fn start_wrapped(ip: Ipv4Addr, client: &ClientKey, wrapper: &[&str], config: &str) -> Sshd {
         assert!(
             ip.is_loopback() || (ip.octets()[0] == 198 && ip.octets()[1] & 0xfe == 18),
             "tests use loopback addresses, or 198.18.0.0/15 inside their own network namespaces"
@@ -138,7 +146,7 @@ impl Sshd {
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port(ip);
             let addr = SocketAddr::from((ip, port));
-            let conf = write_config(dir.path(), addr);
+            let conf = write_config(dir.path(), addr, config);
             let log = dir.path().join("sshd.log");
             let pid_file = dir.path().join("sshd.pid");
             let _ = std::fs::remove_file(&log);
@@ -336,10 +344,10 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
 /// `SetEnv SHLVL=1`: bash, root's login shell here, sources `~/.bashrc` for a command run by
 /// sshd unless SHLVL says it is nested; this machine's root `.bashrc` runs `pyenv init`, which
 /// costs ~0.2 s of CPU per command and is no part of a hypervisor's fence.
-fn write_config(dir: &Path, addr: SocketAddr) -> PathBuf {
+fn write_config(dir: &Path, addr: SocketAddr, first: &str) -> PathBuf {
     let d = dir.display();
     let conf = format!(
-        "ListenAddress {addr}\n\
+        "{first}ListenAddress {addr}\n\
          HostKey {d}/host_ed25519\n\
          PidFile {d}/sshd.pid\n\
          AuthorizedKeysFile {d}/authorized_keys\n\

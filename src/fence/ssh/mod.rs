@@ -380,7 +380,8 @@ pub enum SshError {
     /// A channel could not be opened or the command could not be started.
     #[error("ssh {peer}: {stage} failed: {message}")]
     Channel {
-        /// The host (for [`Stage::Tunnel`], the target the jump host failed to reach).
+        /// The host. For [`Stage::Tunnel`]: the target when the jump host answered that it
+        /// cannot reach it; the jump host when it refused to forward or its session is gone.
         peer: Peer,
         /// [`Stage::Tunnel`], [`Stage::Session`] or [`Stage::Command`].
         stage: Stage,
@@ -765,10 +766,22 @@ async fn open_tunnelled(
     )
     .await
     .map_err(|_| timeout(&peer, Stage::Tunnel, budget))?
-    .map_err(|e| SshError::Channel {
-        peer: peer.clone(),
-        stage: Stage::Tunnel,
-        message: format!("jump host {} could not open it: {e}", Peer::from(jump)),
+    .map_err(|e| match e {
+        // The jump host answered: it could not reach the target's sshd.
+        russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed) => {
+            SshError::Channel {
+                peer: peer.clone(),
+                stage: Stage::Tunnel,
+                message: format!("jump host {} could not reach it: {e}", Peer::from(jump)),
+            }
+        }
+        // The jump host refused to forward (not allowed, out of resources) or its session is
+        // gone: about the jump host, which says nothing of the target.
+        e => SshError::Channel {
+            peer: Peer::from(jump),
+            stage: Stage::Tunnel,
+            message: format!("cannot open a tunnel to {peer} through it: {e}"),
+        },
     })?;
     handshake_and_auth(settings, creds, peer, channel.into_stream(), deadline).await
 }
