@@ -145,6 +145,7 @@ fn main() {
                 command_timeout: Duration::from_secs(10),
             },
             observer: None,
+            jumps: Default::default(),
         },
         Inventory::new(vec![
             host("h1", "127.0.0.81", failed.addr()),

@@ -8,8 +8,8 @@
 //! Reported: wall time of the burst and its ratio to one request (goal <= 4x); every reply
 //! checked (approve, success-killed, scope `vm`, the fence is exactly the host's client);
 //! storage batches (distinct osdmap confirmations) and blocklist mon commands per host, the
-//! most mon commands in flight at once, SSH sessions; the service's RSS idle, after the
-//! burst and at its peak.
+//! most mon commands in flight at once, SSH sessions and logins to the sibling they were
+//! tunnelled through; the service's RSS idle, after the burst and at its peak.
 //!
 //! Run with `scripts/bench.sh rack`, or with RBDFENCE_TEST_CLUSTER=DIR `cargo bench --bench
 //! rack`. RBDFENCE_RACK_HOSTS and RBDFENCE_RACK_VMS shrink it (defaults 10 and 100).
@@ -510,6 +510,8 @@ fn main() {
     // The rack: every VM of every failed host at once.
     let adds0 = rt.block_on(metric(&http, &base, ADDS));
     let sessions0 = rt.block_on(metric(&http, &base, SESSIONS));
+    let logins = || sibling.log().matches("Accepted publickey").count();
+    let logins0 = logins();
     let reqs: Vec<(Value, String, String)> = failed
         .iter()
         .flat_map(|h| {
@@ -530,6 +532,7 @@ fn main() {
     let (rss_after, rss_peak) = rss(pid);
     let adds = rt.block_on(metric(&http, &base, ADDS)) - adds0;
     let sessions = rt.block_on(metric(&http, &base, SESSIONS)) - sessions0;
+    let sibling_logins = logins() - logins0;
     let peak = rt.block_on(metric(&http, &base, PEAK));
     // Every stand-in must be gone: the scan found and killed each.
     let mut alive = 0;
@@ -640,7 +643,9 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("  SSH sessions: {sessions} for {hosts_n} hosts");
+    println!(
+        "  SSH sessions: {sessions} for {hosts_n} hosts, through {sibling_logins} login(s) to the sibling"
+    );
     println!(
         "  librados alone (benches/fixtures/rados_floor.c: connect, open the pool, wait): RSS {floor_rss:.1} MiB, of it anonymous {floor_anon:.1} MiB; the service idle {rss_idle:.1} MiB, {:.1} MiB above it",
         rss_idle - floor_rss

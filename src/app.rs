@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::fence::driver::{Engine, FenceSettings, SessionObserver, SshKiller};
 use crate::fence::ledger::{Ledger, LedgerError};
 use crate::fence::link::CephLink;
-use crate::fence::ssh::SshSettings;
+use crate::fence::ssh::{Jumps, SshSettings};
 
 /// The engine as the CLI and the service run it.
 pub type RealEngine = Engine<Arc<CephLink>, SshKiller>;
@@ -42,6 +42,7 @@ pub fn engine(
         SshKiller {
             settings: ssh_settings(cfg),
             observer: ssh_observer,
+            jumps: Jumps::default(),
         },
         cfg.inventory().unwrap_or_default(),
         FenceSettings::from_config(&cfg.fence),

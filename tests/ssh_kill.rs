@@ -2,7 +2,7 @@
 //! decoy processes that must survive. Every test uses its own loopback address, temp dirs and
 //! uuids, and ends every process it starts (guards' `Drop`), even when it fails.
 //!
-//! Loopback addresses used: 127.0.0.45 – 127.0.0.46 and 127.0.0.51 – 127.0.0.60.
+//! Loopback addresses used: 127.0.0.41 – 127.0.0.46 and 127.0.0.51 – 127.0.0.60.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/sshd.rs"]
@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rbdfence::fence::ssh::{
-    KillReport, MAX_KILL_BATCH, Route, SocketSweep, SshError, SshSettings, SshTarget, Stage,
-    kill_qemu, kill_qemus,
+    Jumps, KillReport, MAX_KILL_BATCH, Route, SocketSweep, SshError, SshSettings, SshTarget, Stage,
+    connect_shared, kill_qemu, kill_qemus,
 };
 use rbdfence::fence::vm::VmUuid;
 use sshd::{ClientKey, Sshd, send_signal, write_known_hosts, write_known_hosts_with_wrong_key};
@@ -760,6 +760,147 @@ async fn e2e_batch_with_an_absent_vm_reports_it_gone_and_kills_the_others() {
         );
     }
     assert_eq!(accepted_sessions(&host), sessions, "{}", host.log());
+}
+
+/// The pids whose parent is `parent` (sshd's per-connection processes, for its listener).
+fn children(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn e2e_tunnels_opened_together_share_one_login_to_the_jump_host() {
+    let client = ClientKey::generate();
+    let jump = Sshd::start(ip(41), &client);
+    let hosts: Vec<Sshd> = (42..45).map(|i| Sshd::start(ip(i), &client)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    let mut all: Vec<&Sshd> = hosts.iter().collect();
+    all.push(&jump);
+    write_known_hosts(&kh, &all);
+    let s = settings(&client, &kh);
+    let jump_t = target("j41", &jump);
+    let targets: Vec<SshTarget> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| target(&format!("h{}", 42 + i), h))
+        .collect();
+    let jumps = Jumps::default();
+
+    // Three failed hosts at once, through the same sibling: one login to it.
+    let connected = futures::future::join_all(targets.iter().map(|t| {
+        connect_shared(
+            &s,
+            &jumps,
+            Route::Via {
+                jump: &jump_t,
+                target: t,
+            },
+        )
+    }))
+    .await;
+    let connected: Vec<_> = connected.into_iter().map(Result::unwrap).collect();
+    assert_eq!(jumps.held(), 1);
+    assert_eq!(accepted_sessions(&jump), 1, "{}", jump.log());
+    // Each tunnel is its own session to its own host, and runs its own command.
+    let vms: Vec<VmUuid> = connected.iter().map(|_| random_uuid()).collect();
+    let reports = futures::future::join_all(
+        connected
+            .iter()
+            .zip(&vms)
+            .map(|(c, vm)| c.kill_qemus(&s, std::slice::from_ref(vm))),
+    )
+    .await;
+    for (r, h) in reports.into_iter().zip(&hosts) {
+        let r = r.unwrap();
+        assert!(r[0].gone && !r[0].qemu_found, "{r:?}");
+        assert_eq!(accepted_sessions(h), 1, "{}", h.log());
+    }
+    // The login lives while a tunnel holds it, and no longer.
+    let mut connected = connected.into_iter();
+    connected.next().unwrap().close().await;
+    assert_eq!(jumps.held(), 1);
+    for c in connected {
+        c.close().await;
+    }
+    assert_eq!(jumps.held(), 0);
+    let again = connect_shared(
+        &s,
+        &jumps,
+        Route::Via {
+            jump: &jump_t,
+            target: &targets[0],
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(accepted_sessions(&jump), 2, "{}", jump.log());
+    again.close().await;
+}
+
+#[tokio::test]
+async fn e2e_a_shared_jump_login_that_died_is_replaced_and_not_blamed_on_the_target() {
+    let client = ClientKey::generate();
+    let jump = Sshd::start(ip(45), &client);
+    let host = Sshd::start(ip(46), &client);
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&jump, &host]);
+    let s = settings(&client, &kh);
+    let (jump_t, host_t) = (target("j45", &jump), target("h46", &host));
+    let route = Route::Via {
+        jump: &jump_t,
+        target: &host_t,
+    };
+    let jumps = Jumps::default();
+    let first = connect_shared(&s, &jumps, route).await.unwrap();
+    // The sibling's sshd drops the login (its per-connection processes end) while the first
+    // tunnel still holds it.
+    let served = children(jump.pid());
+    assert!(!served.is_empty(), "no per-connection sshd process found");
+    for pid in served {
+        send_signal(pid, libc::SIGKILL);
+    }
+    let dropped = Instant::now();
+    while first
+        .kill_qemus(&s, std::slice::from_ref(&random_uuid()))
+        .await
+        .is_ok()
+    {
+        assert!(
+            dropped.elapsed() < COMMAND_TIMEOUT,
+            "the tunnel outlived its jump login"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next tunnel logs in again: the dead login is neither reused nor taken for an
+    // answer about the target.
+    let second = connect_shared(&s, &jumps, route).await.unwrap();
+    assert_eq!(accepted_sessions(&jump), 2, "{}", jump.log());
+    let r = second
+        .kill_qemus(&s, std::slice::from_ref(&random_uuid()))
+        .await
+        .unwrap();
+    assert!(r[0].gone, "{r:?}");
+    second.close().await;
+    first.close().await;
+    assert_eq!(jumps.held(), 0);
 }
 
 #[tokio::test]

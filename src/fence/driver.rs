@@ -48,7 +48,7 @@ use super::record::{
     BlocklistReport, EntryExpiry, EvidenceReport, FenceRecord, FenceReply, KillReportJson,
     VolumeReport,
 };
-use super::ssh::{KillReport, Route, SshError, SshSettings, SshTarget};
+use super::ssh::{Jumps, KillReport, Route, SshError, SshSettings, SshTarget};
 use super::vm::VmUuid;
 use crate::rbd::{
     BlocklistEntry, BlocklistItem, CephError, EntityAddr, ImageSpec, ImageStatus, Op,
@@ -124,6 +124,8 @@ pub type SessionObserver = Arc<dyn Fn(&'static str) + Send + Sync>;
 pub struct SshKiller {
     pub settings: SshSettings,
     pub observer: Option<SessionObserver>,
+    /// Logins to jump hosts, shared by the tunnels through them at the same time.
+    pub jumps: Jumps,
 }
 
 impl SshKiller {
@@ -138,7 +140,7 @@ impl KillPort for SshKiller {
     type Session = super::ssh::Connected;
 
     async fn connect(&self, route: Route<'_>) -> Result<Self::Session, SshError> {
-        let r = super::ssh::connect(&self.settings, route).await;
+        let r = super::ssh::connect_shared(&self.settings, &self.jumps, route).await;
         if let Err(e) = &r {
             self.observe(e.label());
         }

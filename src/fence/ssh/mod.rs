@@ -4,8 +4,9 @@
 //! 1. Load the client identity (an unencrypted OpenSSH private key, normally ed25519) and the
 //!    `known_hosts` file (on a blocking thread).
 //! 2. Connect: [`Route::Direct`] opens TCP to the target's sshd; [`Route::Via`] first logs in to
-//!    the jump host, opens a `direct-tcpip` channel from it to the target's ssh address, and runs
-//!    a second, independent SSH session over that channel. Each hop verifies the server's host key
+//!    the jump host (with [`connect_shared`], the tunnels opened at the same time through one
+//!    jump host share that login: see [`Jumps`]), opens a `direct-tcpip` channel from it to the
+//!    target's ssh address, and runs a second, independent SSH session over that channel. Each hop verifies the server's host key
 //!    against `known_hosts` (looked up by that hop's own address, `[ip]:port` when the port is not
 //!    22) and authenticates with the identity (publickey only).
 //! 3. Run one command on the target (see [`kill_batch_command`]), for every VM of the batch at
@@ -94,8 +95,10 @@ use tokio::time::timeout_at;
 
 use super::vm::VmUuid;
 
+mod jump;
 mod known_hosts;
 
+pub use jump::Jumps;
 pub(crate) use known_hosts::{KnownHosts, Verdict, known_hosts_name};
 
 mod report;
@@ -299,7 +302,7 @@ impl fmt::Display for Stage {
 }
 
 /// Why the kill step failed. None of these proves anything about the VM.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum SshError {
     /// The identity or `known_hosts` file could not be read or parsed.
     #[error("ssh: cannot use {what} {path}: {message}")]
@@ -316,8 +319,8 @@ pub enum SshError {
     Connect {
         /// The host.
         peer: Peer,
-        /// The socket error.
-        source: std::io::Error,
+        /// The socket error (shared: the callers waiting for one jump login all get it).
+        source: Arc<std::io::Error>,
     },
     /// The SSH handshake failed for a reason other than the host key.
     #[error("ssh {peer}: handshake failed: {message}")]
@@ -569,13 +572,24 @@ pub async fn kill_qemus(
 /// command on it only after the storage fence step.
 pub struct Connected {
     session: Session,
-    jump: Option<Session>,
+    jump: Option<Arc<jump::Jump>>,
     target: SshTarget,
 }
 
 /// Connects along `route`: every host key verified, public-key login, each hop bounded by
-/// `connect_timeout`.
+/// `connect_timeout`. A [`Route::Via`] logs in to its jump host for this call alone; see
+/// [`connect_shared`].
 pub async fn connect(settings: &SshSettings, route: Route<'_>) -> Result<Connected, SshError> {
+    connect_shared(settings, &Jumps::default(), route).await
+}
+
+/// [`connect`], but a [`Route::Via`] shares its login to the jump host with the other
+/// tunnels `jumps` holds through it at the same time (see [`Jumps`]).
+pub async fn connect_shared(
+    settings: &SshSettings,
+    jumps: &Jumps,
+    route: Route<'_>,
+) -> Result<Connected, SshError> {
     let creds = Arc::new(load_credentials(settings).await?);
     match route {
         Route::Direct(target) => Ok(Connected {
@@ -584,15 +598,25 @@ pub async fn connect(settings: &SshSettings, route: Route<'_>) -> Result<Connect
             target: target.clone(),
         }),
         Route::Via { jump, target } => {
-            let jump_session = open_direct(settings, &creds, jump).await?;
-            match open_tunnelled(settings, &creds, &jump_session, jump, target).await {
+            let shared = jumps.get(settings, &creds, jump).await?;
+            let tunnelled = match shared.session() {
+                Some(jump_session) => {
+                    open_tunnelled(settings, &creds, jump_session, jump, target).await
+                }
+                // Unreachable: `get` returns logged-in sessions only.
+                None => Err(SshError::Handshake {
+                    peer: jump.into(),
+                    message: "no jump session".into(),
+                }),
+            };
+            match tunnelled {
                 Ok(session) => Ok(Connected {
                     session,
-                    jump: Some(jump_session),
+                    jump: Some(shared),
                     target: target.clone(),
                 }),
                 Err(e) => {
-                    close(jump_session).await;
+                    jump::Jump::release(shared).await;
                     Err(e)
                 }
             }
@@ -671,11 +695,12 @@ impl Connected {
         Ok(ordered)
     }
 
-    /// Disconnects (the target session, then the jump session), bounded.
+    /// Disconnects (the target session, then the jump session if no other tunnel holds
+    /// it), bounded.
     pub async fn close(self) {
         close(self.session).await;
         if let Some(jump) = self.jump {
-            close(jump).await;
+            jump::Jump::release(jump).await;
         }
     }
 }
@@ -736,7 +761,7 @@ async fn open_direct(
         .map_err(|_| timeout(&peer, Stage::Tcp, budget))?
         .map_err(|source| SshError::Connect {
             peer: peer.clone(),
-            source,
+            source: Arc::new(source),
         })?;
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(addr = %target.addr, error = %e, "set_nodelay failed");
