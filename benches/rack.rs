@@ -8,8 +8,8 @@
 //! Reported: wall time of the burst and its ratio to one request (goal <= 4x); every reply
 //! checked (approve, success-killed, scope `vm`, the fence is exactly the host's client);
 //! storage batches (distinct osdmap confirmations) and blocklist mon commands per host, the
-//! most mon commands in flight at once, SSH sessions and logins to the sibling they were
-//! tunnelled through; the service's RSS idle, after the burst and at its peak.
+//! most mon commands in flight at once, SSH kill commands and the logins the failed hosts' and
+//! the jump hosts' sshds accepted; the service's RSS idle, after the burst and at its peak.
 //!
 //! Run with `scripts/bench.sh rack`, or with RBDFENCE_TEST_CLUSTER=DIR `cargo bench --bench
 //! rack`. RBDFENCE_RACK_HOSTS and RBDFENCE_RACK_VMS shrink it (defaults 10 and 100).
@@ -510,7 +510,15 @@ fn main() {
     // The rack: every VM of every failed host at once.
     let adds0 = rt.block_on(metric(&http, &base, ADDS));
     let sessions0 = rt.block_on(metric(&http, &base, SESSIONS));
-    let logins = || sibling.log().matches("Accepted publickey").count();
+    // Logins accepted by the failed hosts' sshds (their kill sessions) and by the others
+    // (h00, first of the cluster by uuid, and the sibling: the jump hosts).
+    let count = |d: &Sshd| d.log().matches("Accepted publickey").count();
+    let logins = || {
+        (
+            failed.iter().map(|h| count(&h.sshd)).sum::<usize>(),
+            count(&sibling) + count(&single.sshd),
+        )
+    };
     let logins0 = logins();
     let reqs: Vec<(Value, String, String)> = failed
         .iter()
@@ -532,7 +540,8 @@ fn main() {
     let (rss_after, rss_peak) = rss(pid);
     let adds = rt.block_on(metric(&http, &base, ADDS)) - adds0;
     let sessions = rt.block_on(metric(&http, &base, SESSIONS)) - sessions0;
-    let sibling_logins = logins() - logins0;
+    let logins1 = logins();
+    let (host_logins, jump_logins) = (logins1.0 - logins0.0, logins1.1 - logins0.1);
     let peak = rt.block_on(metric(&http, &base, PEAK));
     // Every stand-in must be gone: the scan found and killed each.
     let mut alive = 0;
@@ -644,7 +653,7 @@ fn main() {
             .join(" ")
     );
     println!(
-        "  SSH sessions: {sessions} for {hosts_n} hosts, through {sibling_logins} login(s) to the sibling"
+        "  SSH: {sessions} kill commands for {hosts_n} hosts; logins accepted meanwhile: {host_logins} by the failed hosts' sshds, {jump_logins} by the jump hosts'"
     );
     println!(
         "  librados alone (benches/fixtures/rados_floor.c: connect, open the pool, wait): RSS {floor_rss:.1} MiB, of it anonymous {floor_anon:.1} MiB; the service idle {rss_idle:.1} MiB, {:.1} MiB above it",
