@@ -2,7 +2,7 @@
 //! decoy processes that must survive. Every test uses its own loopback address, temp dirs and
 //! uuids, and ends every process it starts (guards' `Drop`), even when it fails.
 //!
-//! Loopback addresses used: 127.0.0.41 – 127.0.0.46 and 127.0.0.51 – 127.0.0.60.
+//! Loopback addresses used: 127.0.0.41 – 127.0.0.49 and 127.0.0.51 – 127.0.0.60.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/sshd.rs"]
@@ -927,4 +927,88 @@ async fn e2e_a_jump_host_that_refuses_to_forward_is_the_error_not_the_target() {
     assert_eq!(err.stage(), Some(Stage::Tunnel), "{err}");
     assert_eq!(err.peer().unwrap().host_uuid, "j45", "{err}");
     assert_eq!(accepted_sessions(&host), 0, "{}", host.log());
+}
+
+/// Stopped processes, continued and killed when dropped (also on a failed assertion): the
+/// per-connection processes of a test's own sshd.
+struct Frozen(Vec<u32>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            send_signal(pid, libc::SIGCONT);
+            send_signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Every descendant of `root`.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut queue = vec![root];
+    while let Some(p) = queue.pop() {
+        for c in children(p) {
+            out.push(c);
+            queue.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn e2e_a_jump_login_that_stopped_answering_is_the_error_not_the_target() {
+    let client = ClientKey::generate();
+    let jump = Sshd::start(ip(47), &client);
+    let hosts = [Sshd::start(ip(48), &client), Sshd::start(ip(49), &client)];
+    let dir = tempfile::tempdir().unwrap();
+    let kh = known_hosts_path(&dir);
+    write_known_hosts(&kh, &[&jump, &hosts[0], &hosts[1]]);
+    let s = SshSettings {
+        connect_timeout: Duration::from_secs(2),
+        ..settings(&client, &kh)
+    };
+    let jump_t = target("j47", &jump);
+    let (first_t, second_t) = (target("h48", &hosts[0]), target("h49", &hosts[1]));
+    let jumps = Jumps::default();
+    let first = connect_shared(
+        &s,
+        &jumps,
+        Route::Via {
+            jump: &jump_t,
+            target: &first_t,
+        },
+    )
+    .await
+    .unwrap();
+    // The sibling hangs (its processes for the login stopped; the TCP connection stays up)
+    // while the first tunnel holds the login; the second failed host is fine.
+    let frozen = Frozen(descendants(jump.pid()));
+    assert!(!frozen.0.is_empty(), "no per-connection sshd process found");
+    for &pid in &frozen.0 {
+        send_signal(pid, libc::SIGSTOP);
+    }
+    let started = Instant::now();
+    let err = connect_shared(
+        &s,
+        &jumps,
+        Route::Via {
+            jump: &jump_t,
+            target: &second_t,
+        },
+    )
+    .await
+    .err()
+    .expect("a tunnel through a hung jump host cannot open");
+    // Named as the jump host's failure, the route walk tries the next sibling; named as the
+    // failed host's, it would stop there with "unreachable".
+    assert_eq!(err.stage(), Some(Stage::Tunnel), "{err}");
+    assert_eq!(err.peer().unwrap().host_uuid, "j47", "{err}");
+    assert!(
+        started.elapsed() < s.connect_timeout + TIMEOUT_SLACK,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(accepted_sessions(&hosts[1]), 0, "{}", hosts[1].log());
+    drop(frozen);
+    first.close().await;
 }

@@ -117,6 +117,10 @@ const MAX_STDOUT: usize = MAX_KILL_BATCH * 1024;
 const MAX_ECHO: usize = 512;
 /// How long a polite disconnect may take before the connection is simply dropped.
 const DISCONNECT_GRACE: Duration = Duration::from_millis(500);
+/// How long a jump host may take to answer a keepalive once opening a tunnel through it timed
+/// out: an answer means it is still connecting to the target (the target's failure), none
+/// means the jump host itself hangs.
+const JUMP_PROBE: Duration = Duration::from_secs(1);
 /// Placeholder in [`KILL_SCRIPT`] for the (validated) uuids, separated by single spaces.
 const UUID_SLOT: &str = "@VM_UUIDS@";
 /// Placeholder in [`KILL_SCRIPT`] for the target's storage addresses (printed [`IpAddr`]s: hex
@@ -789,9 +793,11 @@ async fn open_tunnelled(
             0,
         ),
     )
-    .await
-    .map_err(|_| timeout(&peer, Stage::Tunnel, budget))?
-    .map_err(|e| match e {
+    .await;
+    let Ok(channel) = channel else {
+        return Err(tunnel_timed_out(jump_session, jump, &peer, budget).await);
+    };
+    let channel = channel.map_err(|e| match e {
         // The jump host answered: it could not reach the target's sshd.
         russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed) => {
             SshError::Channel {
@@ -809,6 +815,34 @@ async fn open_tunnelled(
         },
     })?;
     handshake_and_auth(settings, creds, peer, channel.into_stream(), deadline).await
+}
+
+/// Opening a tunnel to `target` timed out: about the target only if the jump host still
+/// answers (it is still trying to connect, and a host that does not answer its connect is
+/// unreachable from it); otherwise about the jump host, which hangs (its login may be one
+/// that other tunnels opened earlier).
+async fn tunnel_timed_out(
+    jump_session: &Session,
+    jump: &SshTarget,
+    target: &Peer,
+    budget: Duration,
+) -> SshError {
+    let answered = tokio::time::timeout(JUMP_PROBE, jump_session.send_ping())
+        .await
+        .is_ok_and(|r| r.is_ok())
+        && !jump_session.is_closed();
+    if answered {
+        timeout(target, Stage::Tunnel, budget)
+    } else {
+        SshError::Channel {
+            peer: Peer::from(jump),
+            stage: Stage::Tunnel,
+            message: format!(
+                "opening a tunnel to {target} timed out after {budget:?}, and the jump host did \
+                 not answer a keepalive within {JUMP_PROBE:?}"
+            ),
+        }
+    }
 }
 
 async fn handshake_and_auth<S>(
