@@ -199,7 +199,7 @@ ifs=$IFS
 key() {
   IFS=-; set -f; set -- $1; IFS=$ifs; set +f
   q=$1$2$3$4$5
-  case $q in ""|*[!0-9a-f]*) echo "rbdfence-kill error=self-check"; exit 3 ;; esac
+  case $q in ""|*[!0-9a-f]*) exit 3 ;; esac
 }
 for v in $U; do key "$v"; eval "_f$q= _k$q= _a$q="; done
 for e in $f; do
