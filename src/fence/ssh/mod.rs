@@ -6,9 +6,10 @@
 //! 2. Connect: [`Route::Direct`] opens TCP to the target's sshd; [`Route::Via`] first logs in to
 //!    the jump host (with [`connect_shared`], the tunnels opened at the same time through one
 //!    jump host share that login: see [`Jumps`]), opens a `direct-tcpip` channel from it to the
-//!    target's ssh address, and runs a second, independent SSH session over that channel. Each hop verifies the server's host key
-//!    against `known_hosts` (looked up by that hop's own address, `[ip]:port` when the port is not
-//!    22) and authenticates with the identity (publickey only).
+//!    target's ssh address, and runs a second, independent SSH session over that channel. Each
+//!    hop verifies the server's host key against `known_hosts` (looked up by that hop's own
+//!    address, `[ip]:port` when the port is not 22) and authenticates with the identity
+//!    (publickey only).
 //! 3. Run one command on the target (see [`kill_batch_command`]), for every VM of the batch at
 //!    once: it scans `/proc` once for qemu processes whose argv carries `-uuid <uuid>` for one of
 //!    the requested uuids, SIGKILLs all of them, polls (every 10 ms, then every 50 ms, for up to
@@ -168,10 +169,10 @@ const STORAGE_SLOT: &str = "@STORAGE_ADDRS@";
 /// reported as `unknown` and kept in the liveness check.
 ///
 /// Liveness: a process whose leader is not a zombie is alive (one read of `/proc/PID/stat`);
-/// only then does it look at every thread in `/proc/PID/task`, up to the first live one: a
-/// killed thread group can have a zombie leader while other threads are still exiting. It is polled every 10 ms for the first 50 ms
-/// (one qemu is usually gone by then), then every 50 ms, for up to 2 s in all, for the matches
-/// of all uuids and the unknown processes together.
+/// otherwise it looks at every thread in `/proc/PID/task`, up to the first live one: a killed
+/// thread group can have a zombie leader while other threads are still exiting. It is polled
+/// every 10 ms for the first 50 ms (one qemu is usually gone by then), then every 50 ms, for up
+/// to 2 s in all, for the matches of all uuids and the unknown processes together.
 ///
 /// Sweep (once for the batch, after the liveness check; skipped when `N`, the target's storage
 /// addresses, is empty): `ss` lists the orphaned TCP sockets (inode 0) from each address in
